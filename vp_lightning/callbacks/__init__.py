@@ -1,0 +1,7 @@
+"""Callbacks: token-usage logging, reconstruction samples, run summary (and codebook fitting for VP)."""
+
+from vp_lightning.callbacks.image_samples import ReconstructionGrid
+from vp_lightning.callbacks.summary import RunSummary
+from vp_lightning.callbacks.token_usage import TokenUsageMonitor
+
+__all__ = ["ReconstructionGrid", "RunSummary", "TokenUsageMonitor"]

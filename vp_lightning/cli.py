@@ -1,0 +1,103 @@
+"""Command line: ``vp-lightning fit|validate|test|predict --config <yaml> [--key=value ...]``.
+
+A LightningCLI in subclass mode: the model (any LightningModule: the tokenizer, the WiSparse job) and the data
+(any LightningDataModule) are chosen in YAML with ``class_path``/``init_args``; several ``--config`` files merge in
+order; ``--print_config`` shows the resolved result.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+
+import yaml
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+from vp_lightning.callbacks.token_usage import run_dir
+from vp_lightning.errors import UserError
+
+
+def wandb_logged_in() -> bool:
+    """True when an API key is available (env var or ~/.netrc entry for the W&B host)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def configure_wandb_environment() -> None:
+    """W&B runs offline unless the user is logged in or chose a mode; it never reports errors to the network."""
+    if "WANDB_MODE" not in os.environ and not wandb_logged_in():
+        os.environ["WANDB_MODE"] = "offline"
+    os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+    os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Saves the resolved config as ``config.yaml`` in this run's own folder and sends it once to W&B.
+
+    Lightning's default writes to ``trainer.log_dir``, which for a WandbLogger is the shared ``save_dir``, so two
+    runs overwrite (or refuse) each other's file. The run folder (the CSV logger's ``version_N``) is unique.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs["save_to_log_dir"] = False
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        folder = run_dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(folder / self.config_filename), skip_none=False, overwrite=True, multifile=False)
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update(config, allow_val_change=True)
+                logger.experiment.save(str(folder / self.config_filename), base_path=str(folder), policy="now")
+
+
+class VPLightningCLI(LightningCLI):
+    """LightningCLI with the project's defaults (subclass mode, per-run config saving, no auto optimizer args)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("save_config_callback", SaveRunConfig)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(
+            LightningModule, LightningDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs
+        )
+
+
+TOOLS = {
+    "sweep": "vp_lightning.tracking.sweep_runner",
+    "report": "vp_lightning.tracking.report",
+    "dashboard": "vp_lightning.tracking.dashboard",
+}
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``vp-lightning`` and ``python -m vp_lightning``."""
+    argv = list(sys.argv[1:] if args is None else args)
+    configure_wandb_environment()
+    if argv and argv[0] in TOOLS:
+        import importlib
+
+        try:
+            module = importlib.import_module(TOOLS[argv[0]])
+        except ModuleNotFoundError as err:
+            sys.exit(f"vp-lightning: error: '{argv[0]}' is not available in this installation ({err})")
+        sys.exit(module.main(argv[1:]))
+    try:
+        VPLightningCLI(args=argv)
+    except UserError as err:
+        print(f"vp-lightning: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
