@@ -1,0 +1,21 @@
+"""DataModules that read datasets already on disk, with embedded real-data defaults and bad-input accounting."""
+
+from vp_lightning.data.bad_input import BadInputTally, SharedSkipFlags, TooManyBadFilesError
+from vp_lightning.data.embedded_images import build_embedded_photos
+from vp_lightning.data.image import (
+    DatasetLayoutError,
+    ImageFiles,
+    ImageNetDataModule,
+    UnpaddedDistributedSampler,
+)
+
+__all__ = [
+    "BadInputTally",
+    "DatasetLayoutError",
+    "ImageFiles",
+    "ImageNetDataModule",
+    "SharedSkipFlags",
+    "TooManyBadFilesError",
+    "UnpaddedDistributedSampler",
+    "build_embedded_photos",
+]
