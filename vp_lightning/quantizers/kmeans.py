@@ -11,6 +11,7 @@ Assignments use :mod:`vp_lightning.quantizers.knn` (a kd-tree over the centroids
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -207,7 +208,7 @@ def kmeans(
         if bar is not None:
             bar.update(1)
             bar.set_postfix(mse=f"{mse:.4g}")
-        converged = n_split == 0 and prev_mse - mse <= tol * prev_mse  # False on the first pass (inf - mse)
+        converged = n_split == 0 and math.isfinite(prev_mse) and prev_mse - mse <= tol * prev_mse
         prev_mse = mse
         if converged:
             break
