@@ -1,6 +1,11 @@
 """DataModules that read datasets already on disk, with embedded real-data defaults and bad-input accounting."""
 
-from vp_lightning.data.bad_input import BadInputTally, SharedSkipFlags, TooManyBadFilesError
+from vp_lightning.data.bad_input import (
+    BadInputTally,
+    SharedSkipFlags,
+    SkippingFileDataset,
+    TooManyBadFilesError,
+)
 from vp_lightning.data.embedded_images import build_embedded_photos
 from vp_lightning.data.image import (
     DatasetLayoutError,
@@ -15,6 +20,7 @@ __all__ = [
     "ImageFiles",
     "ImageNetDataModule",
     "SharedSkipFlags",
+    "SkippingFileDataset",
     "TooManyBadFilesError",
     "UnpaddedDistributedSampler",
     "build_embedded_photos",

@@ -8,19 +8,26 @@ DataModule handles them in two places:
   ``max_bad_fraction`` threshold raises :class:`TooManyBadFilesError`, naming the files, before any training;
 * in ``__getitem__``, a file that still fails to decode is replaced by another sample and marked in a
   :class:`SharedSkipFlags`, whose shared-memory storage makes marks from DataLoader worker processes visible to
-  the main process (workers cannot update a Python counter the main process sees).
+  the main process (workers cannot update a Python counter the main process sees). :class:`SkippingFileDataset`
+  implements this for any dataset with one file per sample.
 
 Counts use flat keys so a callback can log them directly, e.g. ``data/skipped_files``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
 
 #: Reasons a file is skipped. ``corrupt`` covers every decoder error that is not one of the others.
 SKIP_REASONS: tuple[str, ...] = ("missing", "empty", "unreadable", "truncated", "corrupt")
@@ -116,7 +123,9 @@ class BadInputTally:
         files = self.skipped_files + [f for f in extra_skipped if f not in set(self.skipped_files)]
         if not self.scanned or len(files) / self.scanned <= max_bad_fraction:
             return
-        raise TooManyBadFilesError(too_many_bad_files_message(self.name, files, self.scanned, max_bad_fraction))
+        raise TooManyBadFilesError(
+            too_many_bad_files_message(self.name, files, self.scanned, max_bad_fraction)
+        )
 
 
 def too_many_bad_files_message(name: str, files: Sequence[str], total: int, max_bad_fraction: float) -> str:
@@ -169,4 +178,84 @@ class SharedSkipFlags:
     def counts(self) -> dict[str, int]:
         """``{reason: count}`` for every reason that occurred."""
         codes = torch.bincount(self.flags.long(), minlength=len(self.reasons) + 1)[1:]
-        return {reason: int(n) for reason, n in zip(self.reasons, codes) if n}
+        return {reason: int(n) for reason, n in zip(self.reasons, codes, strict=True) if n}
+
+
+class SkippingFileDataset(Dataset):
+    """A dataset with one file per sample whose unreadable files are skipped, counted and checked.
+
+    Subclasses implement :meth:`load`. ``__getitem__`` returns the sample of the first readable file at or after
+    the requested index (wrapping around), marks every failure in :attr:`skips`, logs it, and raises
+    :class:`TooManyBadFilesError` once setup skips plus load failures exceed ``max_bad_fraction`` of the scan.
+
+    Args:
+        files: One file per sample (already scanned).
+        tally: The setup scan of these files; it sets the denominator of the threshold.
+        max_bad_fraction: Threshold (in [0, 1]) on the fraction of skipped files.
+    """
+
+    def __init__(
+        self, files: Sequence[str | os.PathLike], tally: BadInputTally, max_bad_fraction: float
+    ) -> None:
+        absolute = [os.path.abspath(f) for f in files]
+        self.base = os.path.commonpath([os.path.dirname(f) for f in absolute]) if absolute else ""
+        # One numpy byte array instead of a list of str: forked DataLoader workers that touch Python objects copy
+        # their memory pages (reference counts), which costs the size of the list once per worker.
+        self._relative = np.array([os.path.relpath(f, self.base).encode() for f in absolute])
+        self.tally, self.max_bad_fraction = tally, max_bad_fraction
+        self.skips = SharedSkipFlags(len(absolute))
+
+    def load(self, index: int) -> Any:
+        """Decode sample ``index``; raise any exception if the file is broken."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self._relative)
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.base, self._relative[index].decode())
+
+    def __getitem__(self, index: int) -> Any:
+        return self.first_readable(index)
+
+    def first_readable(self, index: int, replace: bool = True) -> Any:
+        """Load ``index``, or with ``replace`` the next readable sample after it.
+
+        Returns:
+            The sample, or ``None`` if ``index`` is broken and ``replace`` is false.
+
+        Raises:
+            TooManyBadFilesError: If the failures pass the threshold or no file at all is readable.
+        """
+        for offset in range(len(self) if replace else 1):
+            i = (index + offset) % len(self)
+            if self.skips.is_marked(i):
+                continue
+            try:
+                return self.load(i)
+            except Exception as error:  # noqa: BLE001 -- a broken file must never stop training
+                self._skip(i, error)
+        if replace:
+            raise TooManyBadFilesError(f"None of the {len(self)} {self.tally.name} could be read.")
+        return None
+
+    def _skip(self, index: int, error: Exception) -> None:
+        path = self.path(index)
+        reason = skip_reason(path, error)
+        self.skips.mark(index, reason)
+        log.warning("Skipping %s (%s): %s", path, reason, error)
+        failed = self.tally.skipped_files + self.skipped_while_loading()
+        if len(failed) / max(self.tally.scanned, 1) > self.max_bad_fraction:
+            message = too_many_bad_files_message(
+                self.tally.name, failed, self.tally.scanned, self.max_bad_fraction
+            )
+            raise TooManyBadFilesError(message)
+
+    def skipped_while_loading(self) -> list[str]:
+        """Files that passed the setup scan but failed to decode (marked by any worker process)."""
+        return [self.path(i) for i in self.skips.marked_indices()]
+
+    def bad_input_counts(self) -> dict[str, int]:
+        """Setup scan counts plus failures found while loading."""
+        late = {f"skipped/{reason}": n for reason, n in self.skips.counts().items()}
+        return merge_counts([self.tally.counts(), late, {"skipped_files": len(self.skips)}])

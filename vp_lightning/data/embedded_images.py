@@ -121,7 +121,14 @@ def build_embedded_photos(
         source = skimage_data_dir()
         for split in ("train", "val"):
             for photo_index, (photo, count) in enumerate(recipe[split].items()):
-                _write_crops(source / photo, tmp / split, count, min_side, max_side, (seed, split == "val", photo_index))
+                _write_crops(
+                    source / photo,
+                    tmp / split,
+                    count,
+                    min_side,
+                    max_side,
+                    (seed, split == "val", photo_index),
+                )
         (tmp / MANIFEST).write_text(json.dumps(recipe, indent=2) + "\n")
         try:
             os.rename(tmp, target)
@@ -163,7 +170,9 @@ def _write_crops(photo: Path, out_root: Path, count: int, min_side: int, max_sid
         crop.save(out_dir / f"{photo.stem}_{k:04d}.png", compress_level=1)
 
 
-def _draw_crop(image: Image.Image, pixels: np.ndarray, rng: np.random.Generator, min_side: int, max_side: int):
+def _draw_crop(
+    image: Image.Image, pixels: np.ndarray, rng: np.random.Generator, min_side: int, max_side: int
+):
     width, height = image.size
     for _ in range(_MAX_DRAWS):
         out_w, out_h = (int(s) for s in rng.integers(min_side, max_side + 1, size=2))

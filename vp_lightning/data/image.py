@@ -7,7 +7,6 @@ into the same layout (see :mod:`vp_lightning.data.embedded_images`), so the read
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,17 +23,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from vp_lightning.data.bad_input import (
-    BadInputTally,
-    SharedSkipFlags,
-    TooManyBadFilesError,
-    merge_counts,
-    skip_reason,
-    too_many_bad_files_message,
-)
+from vp_lightning.data.bad_input import BadInputTally, SkippingFileDataset, merge_counts, skip_reason
 from vp_lightning.data.embedded_images import build_embedded_photos, embedded_photos_dir
-
-log = logging.getLogger(__name__)
 
 #: Extensions (compared lower-case) that count as images when walking a folder.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -72,7 +62,9 @@ def find_images(folder: Path) -> list[Path]:
     for parent, dirs, files in os.walk(folder, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [
-            Path(parent, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+            Path(parent, f)
+            for f in files
+            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
         ]
     return sorted(found)
 
@@ -162,7 +154,7 @@ def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
         pixels = pixels * 255.0 if pixels.max(initial=0.0) <= 1.0 else pixels
     elif image.mode.startswith("I;16") or pixels.max(initial=0.0) > 255:
         pixels = pixels / 257.0  # 65535 -> 255
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 
 
 def conversion_kind(mode: str, info: dict) -> str | None:
@@ -268,7 +260,7 @@ def scan_images(
     with ThreadPoolExecutor(max_workers=8 if len(files) > 256 else 1) as pool:
         results = list(pool.map(lambda f: inspect_image(f, min_side, full=mode == "full"), files))
     kept = []
-    for path, (reason, kinds) in zip(files, results):
+    for path, (reason, kinds) in zip(files, results, strict=True):
         if reason is not None:
             tally.skip(path, reason)
             continue
@@ -282,7 +274,9 @@ def scan_images(
 # Dataset, transforms, sampler
 
 
-def image_transform(resolution: int, train: bool, random_flip: bool = True) -> Callable[[Image.Image], Tensor]:
+def image_transform(
+    resolution: int, train: bool, random_flip: bool = True
+) -> Callable[[Image.Image], Tensor]:
     """Resize the shorter side to ``resolution``, crop a square (random for training, central otherwise).
 
     Returns:
@@ -298,7 +292,7 @@ def image_transform(resolution: int, train: bool, random_flip: bool = True) -> C
     return v2.Compose(steps)
 
 
-class ImageFiles(Dataset):
+class ImageFiles(SkippingFileDataset):
     """Image files mapped to tensors; a file that fails to decode is replaced by the next readable one.
 
     Args:
@@ -317,55 +311,12 @@ class ImageFiles(Dataset):
         max_bad_fraction: float = 0.01,
         min_side: int | None = None,
     ) -> None:
-        # Paths stored as one numpy byte array, not a list of str: forked DataLoader workers touching Python
-        # objects copy their memory pages (refcounts), which grows memory by the list size per worker.
-        base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files]) if files else ""
-        self.base = base
-        self._relative = np.array([os.path.relpath(os.path.abspath(f), base).encode() for f in files])
-        self.transform = transform
-        self.tally = tally
-        self.max_bad_fraction = max_bad_fraction
-        self.min_side = min_side
-        self.skips = SharedSkipFlags(len(files))
+        super().__init__(files, tally, max_bad_fraction)
+        self.transform, self.min_side = transform, min_side
 
-    def __len__(self) -> int:
-        return len(self._relative)
-
-    def path(self, index: int) -> str:
-        return os.path.join(self.base, self._relative[index].decode())
-
-    def __getitem__(self, index: int) -> Tensor:
+    def load(self, index: int) -> Tensor:
         """Returns: (3, h, w) float32 in [-1, 1]."""
-        for offset in range(len(self)):
-            i = (index + offset) % len(self)
-            if self.skips.is_marked(i):
-                continue
-            try:
-                image = load_rgb(self.path(i), self.min_side)
-            except Exception as error:  # noqa: BLE001 -- a broken file must never stop training
-                self._skip(i, error)
-                continue
-            return self.transform(image)
-        raise TooManyBadFilesError(f"None of the {len(self)} {self.tally.name} could be read.")
-
-    def _skip(self, index: int, error: Exception) -> None:
-        path = self.path(index)
-        reason = skip_reason(path, error)
-        self.skips.mark(index, reason)
-        log.warning("Skipping %s (%s): %s", path, reason, error)
-        failed = self.tally.skipped_files + self.skipped_while_loading()
-        if len(failed) / max(self.tally.scanned, 1) > self.max_bad_fraction:
-            message = too_many_bad_files_message(self.tally.name, failed, self.tally.scanned, self.max_bad_fraction)
-            raise TooManyBadFilesError(message)
-
-    def skipped_while_loading(self) -> list[str]:
-        """Files that passed the setup scan but failed to decode (from every worker process)."""
-        return [self.path(i) for i in self.skips.marked_indices()]
-
-    def bad_input_counts(self) -> dict[str, int]:
-        """Setup scan counts plus failures found while loading."""
-        late = {f"skipped/{reason}": n for reason, n in self.skips.counts().items()}
-        return merge_counts([self.tally.counts(), late, {"skipped_files": len(self.skips)}])
+        return self.transform(load_rgb(self.path(index), self.min_side))
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -506,7 +457,9 @@ class ImageNetDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self._dataset("train")
         world = _world_size()
-        sampler = DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=True) if world > 1 else None
+        sampler = (
+            DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=True) if world > 1 else None
+        )
         if len(dataset) // world < self.batch_size:
             raise DatasetLayoutError(
                 f"The train split has {len(dataset)} usable images, fewer than batch_size={self.batch_size} per "
@@ -545,7 +498,9 @@ class ImageNetDataModule(L.LightningDataModule):
             return root
         root = Path(self.root).expanduser()
         if not root.is_dir():
-            raise DatasetLayoutError(f"Dataset root {root} does not exist or is not a folder. {EXPECTED_LAYOUT}")
+            raise DatasetLayoutError(
+                f"Dataset root {root} does not exist or is not a folder. {EXPECTED_LAYOUT}"
+            )
         return root
 
     def _key(self, split: Split) -> tuple[str, bool]:
