@@ -411,6 +411,32 @@ def test_unpadded_sampler_example():
     assert list(UnpaddedDistributedSampler(list(range(7)), num_replicas=3, rank=1)) == [1, 4]
 
 
+def test_dataloaders_shard_when_distributed(tmp_path, monkeypatch):
+    import vp_lightning.data.image as image_module
+
+    _imagenet_tree(tmp_path, n_train=(4, 4), n_val=(3, 2))
+    dm = _dm(tmp_path, seed=7)
+    dm.setup("fit")
+    assert (
+        dm.train_dataloader().sampler.__class__.__name__ == "RandomSampler"
+    )  # no process group: plain loaders
+    monkeypatch.setattr(image_module, "distributed_world", lambda: (2, 1))
+    train = dm.train_dataloader()
+    assert type(train.sampler) is DistributedSampler  # explicit, so sharding does not depend on the Trainer
+    assert (train.sampler.num_replicas, train.sampler.rank, train.sampler.shuffle, train.sampler.seed) == (
+        2,
+        1,
+        True,
+        7,
+    )
+    assert len(train) == 2 and train.drop_last  # 8 images / 2 ranks / batch 2
+    val = dm.val_dataloader()
+    assert isinstance(val.sampler, UnpaddedDistributedSampler) and list(val.sampler) == [
+        1,
+        3,
+    ]  # 5 images, rank 1
+
+
 class _CountImages(L.LightningModule):
     """Counts validation images over all processes and checks which sampler Lightning ended up using."""
 
