@@ -360,7 +360,7 @@ def scan_utterances(
     with ThreadPoolExecutor(max_workers=8 if len(utterances) > 256 else 1) as pool:
         results = list(pool.map(lambda u: inspect_flac(u.path, full=mode == "full"), utterances))
     kept, frames, rates = [], [], []
-    for utt, (reason, n, rate, channels) in zip(utterances, results):
+    for utt, (reason, n, rate, channels) in zip(utterances, results, strict=True):
         if reason is not None:
             tally.skip(utt.path, reason)
             continue
@@ -569,7 +569,7 @@ class LibriSpeechDataModule(L.LightningDataModule):
         crop = self.train_crop_seconds if train else self.eval_crop_seconds
         crop_samples = None if crop is None else max(1, round(crop * self.sample_rate))
         if crop_samples is not None and self.scan != "off":
-            short = sum(1 for n, r in zip(frames, rates) if n * self.sample_rate < crop_samples * r)
+            short = sum(1 for n, r in zip(frames, rates, strict=True) if n * self.sample_rate < crop_samples * r)
             if short:
                 tally.converted["padded/short"] += short
         (rank_zero_warn if tally.num_skipped else rank_zero_info)(tally.summary())

@@ -127,7 +127,7 @@ class AudioEncoder(nn.Module):
         self.out_channels = out_channels or widths[-1]
         self.in_channels = in_channels
         layers: list[nn.Module] = [_conv(in_channels, widths[0], 7, weight_norm=weight_norm)]
-        for stride, cin, cout in zip(self.strides, widths[:-1], widths[1:]):
+        for stride, cin, cout in zip(self.strides, widths[:-1], widths[1:], strict=True):
             layers += _residual_stack(cin, dilations, activation, weight_norm)
             layers += [_activation(activation, cin), _strided_conv(cin, cout, stride, weight_norm)]
         layers += [_activation(activation, widths[-1]), _conv(widths[-1], self.out_channels, 3, weight_norm=weight_norm)]
@@ -185,7 +185,7 @@ class AudioDecoder(nn.Module):
         self.in_channels = in_channels or widths[-1]
         self.out_channels = out_channels
         layers: list[nn.Module] = [_conv(self.in_channels, widths[-1], 7, weight_norm=weight_norm)]
-        for stride, cin, cout in zip(reversed(self.strides), widths[::-1][:-1], widths[::-1][1:]):
+        for stride, cin, cout in zip(reversed(self.strides), widths[::-1][:-1], widths[::-1][1:], strict=True):
             layers += [_activation(activation, cin), _conv_transpose(cin, cout, stride, weight_norm)]
             layers += _residual_stack(cout, dilations, activation, weight_norm)
         layers += [_activation(activation, widths[0]), _conv(widths[0], out_channels, 7, weight_norm=weight_norm)]
