@@ -157,3 +157,41 @@ def test_bad_options_are_rejected():
         CodebookFitting(latents_per_code=0)
     with pytest.raises(ValueError, match="max_batches"):
         CodebookFitting(max_batches=0)
+
+
+@pytest.mark.slow
+def test_real_tokenizer_module_with_vp(tmp_path):
+    """A few steps of the project's TokenizerModule with VP, token usage and the codebook callback."""
+    import functools
+
+    from torch.utils.data import TensorDataset
+
+    from vp_lightning.callbacks import TokenUsageMonitor
+    from vp_lightning.losses import ImageReconstructionLoss
+    from vp_lightning.models import TokenizerModule
+    from vp_lightning.networks import tiny_image_autoencoder
+
+    torch.manual_seed(0)
+    enc, dec = tiny_image_autoencoder()
+    model = TokenizerModule(
+        encoder=enc,
+        decoder=dec,
+        quantizer=functools.partial(VectorPerturbation, dim=4, codebook_size=16, cluster_size_rate=2, push_prob=0.5),
+        loss=ImageReconstructionLoss(l1=1.0, l2=0.5),
+    )
+    x = torch.rand(16, 3, 16, 16) * 2 - 1
+    callback = CodebookFitting(latents_per_code=20, progress_bar=False)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_steps=4, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0,
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[callback, TokenUsageMonitor(train_window=2, plot=False), ModelCheckpoint(dirpath=tmp_path / "c")],
+    )
+    trainer.fit(model, DataLoader(TensorDataset(x), batch_size=4), DataLoader(x, batch_size=4))
+    assert [e["stage"] for e in callback.history] == ["monitor", "monitor", "final"]
+    assert bool(model.quantizer.codebook_frozen)
+    for key in ("train/quantizer/accept_rate", "val/codebook/perplexity", "val/codebook/quantization_error"):
+        assert key in trainer.callback_metrics, key
+    # 16 images of 4x4 tokens = 256 latents >= 20 · 16 would need 320: all of the training set is used
+    assert int(model.quantizer.last_fit.counts.sum()) == 256
+    result = trainer.validate(model, DataLoader(x, batch_size=4), ckpt_path=callback.final_checkpoint_path, verbose=False)
+    assert result[0]["val/codebook/perplexity"] > 1
