@@ -73,6 +73,14 @@ class VPLightningCLI(LightningCLI):
         )
 
 
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that report a user's mistake: printed as one line, no traceback."""
+    from vp_lightning.data import DatasetLayoutError, TooManyBadFilesError
+    from vp_lightning.losses import MissingWeightsError
+
+    return (UserError, DatasetLayoutError, TooManyBadFilesError, MissingWeightsError)
+
+
 TOOLS = {
     "sweep": "vp_lightning.tracking.sweep_runner",
     "report": "vp_lightning.tracking.report",
@@ -93,8 +101,8 @@ def main(args: list[str] | None = None) -> None:
             sys.exit(f"vp-lightning: error: '{argv[0]}' is not available in this installation ({err})")
         sys.exit(module.main(argv[1:]))
     try:
-        VPLightningCLI(args=argv)
-    except UserError as err:
+        VPLightningCLI(args=None if args is None else argv)
+    except user_error_types() as err:
         print(f"vp-lightning: error: {err}", file=sys.stderr)
         sys.exit(2)
 

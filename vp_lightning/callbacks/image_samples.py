@@ -34,7 +34,10 @@ class ReconstructionGrid(L.Callback):
 
         x, x_hat = self._pair
         self._pair = None
-        grid = make_grid(torch.cat([x, x_hat.clamp(-1, 1)]), nrow=len(x), normalize=True, value_range=(-1, 1))
+        images = torch.cat([x, x_hat.clamp(-1, 1)])
+        if images.shape[-1] < 128:  # small crops are upscaled (nearest) so that the grid is readable
+            images = torch.nn.functional.interpolate(images, scale_factor=128 // images.shape[-1], mode="nearest")
+        grid = make_grid(images, nrow=len(x), normalize=True, value_range=(-1, 1))
         out = run_dir(trainer) / "samples" / f"val_step{trainer.global_step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, out)

@@ -43,6 +43,13 @@ class RunSummary(L.Callback):
         print("\n".join(lines), flush=True)
 
     @rank_zero_only
+    def on_train_start(self, trainer, pl_module) -> None:
+        counts = getattr(trainer.datamodule, "bad_input_counts", None)
+        if counts:  # skipped / converted files found by the DataModule, logged once as data/<kind>
+            for logger in trainer.loggers:
+                logger.log_metrics({f"data/{k}": float(v) for k, v in counts.items()}, step=trainer.global_step)
+
+    @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
         self._print(trainer, "fit")
 

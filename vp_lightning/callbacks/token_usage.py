@@ -89,8 +89,8 @@ class TokenUsageMonitor(L.Callback):
         metric = self.metrics[stage]
         if not metric.update_called:
             return
-        stats = metric.compute()  # all-reduced counts
-        self.last_counts[stage] = metric.counts.detach().cpu().clone()
+        stats = metric.compute()  # from the counts summed over ranks
+        self.last_counts[stage] = metric.synced_counts.cpu()
         metric.reset()
         pl_module.log_dict({f"{stage}/codebook/{k}": v for k, v in stats.items()}, sync_dist=False)
         if self.plot and not trainer.sanity_checking:
@@ -127,6 +127,7 @@ class TokenUsageMonitor(L.Callback):
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=100)
         plt.close(fig)
+        torch.save(counts, out.with_suffix(".counts.pt"))  # raw counts, for reports and cross-run comparisons
         run = wandb_run(trainer)
         if run is not None:
             import wandb

@@ -68,4 +68,6 @@ class TokenUsage(Metric):
         self.counts += torch.bincount(indices.long(), minlength=self.codebook_size)
 
     def compute(self) -> dict[str, Tensor]:
+        # inside compute() the state is the all-reduced one; keep a copy, torchmetrics restores the local state after
+        self.synced_counts = self.counts.detach().clone()
         return usage_statistics(self.counts, self.nominal_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +32,7 @@ def unpack_batch(batch: Batch) -> tuple[Tensor, Tensor | None]:
 
 
 def token_mask_from_sample_mask(mask: Tensor | None, positions: tuple[int, ...]) -> Tensor | None:
-    """(b, 1, T) sample mask (1 = real) -> (b, n) token mask: a token counts when most of its window is real."""
+    """(b, 1, T) sample mask (1 = real) -> (b, n) token mask: a token counts when at least half its window is real."""
     if mask is None:
         return None
     if len(positions) != 1:
@@ -98,13 +99,19 @@ class TokenizerModule(L.LightningModule):
         if self.quantizer is not None:
             return
         factory = self.quantizer_factory
-        quantizer = factory if isinstance(factory, nn.Module) else factory()
-        for attr in ("dim", "codebook_size", "indices_to_codes"):
-            if not hasattr(quantizer, attr):
-                raise TypeError(f"quantizer {type(quantizer).__name__} lacks `{attr}`; see vp_lightning.quantizers")
+        # With a global seed, the parts built here get the same initial values whatever consumed random numbers
+        # between construction and this call (the launcher, data setup), so every rank and every world size agree.
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(int(seed) + 1)
+            quantizer = factory if isinstance(factory, nn.Module) else factory()
+            for attr in ("dim", "codebook_size", "indices_to_codes"):
+                if not hasattr(quantizer, attr):
+                    raise TypeError(f"quantizer {type(quantizer).__name__} lacks `{attr}`; see vp_lightning.quantizers")
+            self.proj_in = nn.Linear(self.encoder.out_channels, quantizer.dim)
+            self.proj_out = nn.Linear(quantizer.dim, self.decoder.in_channels)
         self.quantizer = quantizer
-        self.proj_in = nn.Linear(self.encoder.out_channels, quantizer.dim)
-        self.proj_out = nn.Linear(quantizer.dim, self.decoder.in_channels)
 
     # -- forward passes -----------------------------------------------------------------------------------------
     def encode_latents(self, x: Tensor) -> Tensor:
@@ -182,6 +189,14 @@ class TokenizerModule(L.LightningModule):
         for name, value in metric.compute().items():
             self.log(f"{stage}/{name}", value, sync_dist=False)  # already reduced over ranks by the metric
         metric.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        if self.val_quality is not None:
+            self.val_quality.reset()  # fresh state tensors (never shared between spawned processes)
+
+    def on_test_epoch_start(self) -> None:
+        if self.test_quality is not None:
+            self.test_quality.reset()
 
     def on_validation_epoch_end(self) -> None:
         self._log_quality(self.val_quality, "val")
