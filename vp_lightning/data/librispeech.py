@@ -26,7 +26,6 @@ import lightning as L
 import numpy as np
 import soundfile as sf
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -41,7 +40,7 @@ from vp_lightning.data.bad_input import (
     too_many_bad_files_message,
 )
 from vp_lightning.data.embedded_audio import build_embedded_librispeech, embedded_librispeech_dir
-from vp_lightning.data.image import DatasetLayoutError, UnpaddedDistributedSampler
+from vp_lightning.data.image import DatasetLayoutError, UnpaddedDistributedSampler, distributed_world
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +148,6 @@ def _describe_folder(folder: Path, limit: int = 8) -> str:
         return "nothing (the folder is empty)"
     shown = [f"{e.name}{'/' if e.is_dir() else ''}" for e in entries[:limit]]
     return ", ".join(shown) + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -507,8 +502,10 @@ class LibriSpeechDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._dataset("train")
-        world = _world_size()
-        sampler = DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=True) if world > 1 else None
+        world, rank = distributed_world()
+        sampler = (
+            DistributedSampler(dataset, world, rank, shuffle=True, seed=self.seed, drop_last=True) if world > 1 else None
+        )
         if len(dataset) // world < self.batch_size:
             raise DatasetLayoutError(
                 f"The train subsets {list(self.subsets['train'])} have {len(dataset)} usable utterances, fewer than "
@@ -592,13 +589,13 @@ class LibriSpeechDataModule(L.LightningDataModule):
 
     def _eval_loader(self, split: Split) -> DataLoader:
         dataset = self._dataset(split)
-        world = _world_size()
+        world, rank = distributed_world()
         if len(dataset) < world:
             raise DatasetLayoutError(
                 f"The {split} subsets {list(self.subsets[split])} have {len(dataset)} usable utterances, fewer "
                 f"than the {world} processes."
             )
-        sampler = UnpaddedDistributedSampler(dataset) if world > 1 else None
+        sampler = UnpaddedDistributedSampler(dataset, world, rank) if world > 1 else None
         return self._loader(dataset, sampler, self.eval_batch_size, shuffle=False, drop_last=False)
 
     def _loader(self, dataset: Dataset, sampler, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
