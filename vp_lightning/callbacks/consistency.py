@@ -27,8 +27,9 @@ def state_fingerprints(module: torch.nn.Module, exclude: list[str]) -> dict[str,
 class RankConsistencyCheck(L.Callback):
     """After training (and every ``every_n_steps`` if > 0) compares the quantizer's state across ranks.
 
-    State that is legitimately per-rank (the VP queue and its pointer) is excluded by pattern. On rank 0 the result is
-    written to ``rank_consistency.json`` in the run folder.
+    State that is legitimately per-rank is skipped: names a quantizer lists in its ``per_rank_state`` attribute (the VP
+    queue, its pointer and running statistics) and names matching ``exclude``. On rank 0 the result is written to
+    ``rank_consistency.json`` in the run folder.
 
     Args:
         exclude: fnmatch patterns of state names that may differ across ranks.
@@ -36,7 +37,7 @@ class RankConsistencyCheck(L.Callback):
         on_mismatch: ``"raise"`` (stop with an error naming the tensors) or ``"warn"``.
     """
 
-    def __init__(self, exclude: list[str] = ("*queue*", "*pointer*"), every_n_steps: int = 0, on_mismatch: str = "raise"):
+    def __init__(self, exclude: list[str] = (), every_n_steps: int = 0, on_mismatch: str = "raise"):
         super().__init__()
         if on_mismatch not in ("raise", "warn"):
             raise ValueError(f"on_mismatch must be 'raise' or 'warn', got {on_mismatch!r}")
@@ -46,7 +47,9 @@ class RankConsistencyCheck(L.Callback):
         self.last_result: dict | None = None
 
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-        local = state_fingerprints(pl_module.quantizer, self.exclude)
+        quantizer = pl_module.quantizer
+        exclude = self.exclude + [f"*{name}" for name in getattr(quantizer, "per_rank_state", ())]
+        local = state_fingerprints(quantizer, exclude)
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         gathered = [local]
         if world > 1:
