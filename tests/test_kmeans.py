@@ -69,7 +69,7 @@ def test_tolerance_stops_early_and_progress_is_reported():
     result = kmeans(x, 16, max_iter=200, tol=1e-3, generator=g, progress=lambda i, mse: seen.append((i, mse)))
     assert 1 < result.iterations < 200
     assert [i for i, _ in seen] == list(range(1, result.iterations + 1))
-    assert all(b <= a * (1 + 1e-9) for (_, a), (_, b) in zip(seen, seen[1:]))  # Lloyd never increases the MSE
+    assert all(b <= a * (1 + 1e-9) for (_, a), (_, b) in zip(seen, seen[1:], strict=False))  # Lloyd never increases the MSE
 
 
 def test_backends_agree():

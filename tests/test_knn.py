@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from vp_lightning.quantizers.knn import NearestNeighbors, brute_force_knn, nearest, query_chunk_rows, resolve_backend
+from vp_lightning.quantizers.knn import (
+    NearestNeighbors,
+    brute_force_knn,
+    nearest,
+    query_chunk_rows,
+    resolve_backend,
+)
 
 
 def _naive(queries, points, k):
@@ -67,7 +73,7 @@ def _stale_setup(max_stale, seed=3, n_points=4000, d=3):
 @pytest.mark.parametrize("max_stale", [0.0, 0.5, float("inf")])
 def test_kdtree_stays_exact_after_overwrites(max_stale):
     g, points, index = _stale_setup(max_stale)
-    for step in range(4):
+    for _ in range(4):
         rows = torch.randint(0, points.shape[0], (60,), generator=g)
         points[rows] = torch.randn(60, 3, generator=g) * 0.5  # new values crowd the centre
         index.mark_rows_written(rows)

@@ -211,7 +211,7 @@ def test_kdtree_and_torch_backends_give_the_same_decisions():
     q_tree, tree = _run("kdtree")
     q_torch, brute = _run("torch")
     assert q_tree._queue_knn.num_builds >= 2
-    for (d_tree, o_tree, a_tree), (d_brute, o_brute, a_brute) in zip(tree, brute):
+    for (d_tree, o_tree, a_tree), (d_brute, o_brute, a_brute) in zip(tree, brute, strict=True):
         torch.testing.assert_close(d_tree, d_brute, atol=1e-5, rtol=0)
         assert torch.equal(a_tree, a_brute)
         torch.testing.assert_close(o_tree.quantized, o_brute.quantized, atol=1e-5, rtol=0)
@@ -225,7 +225,7 @@ def test_staleness_rule_does_not_change_acceptance(max_stale):
     _, default = _run("kdtree")
     q, other = _run("kdtree", max_stale_neighbors=max_stale)
     assert q._queue_knn.num_builds == (1 if max_stale == float("inf") else 5)
-    for (_, a, _), (_, b, _) in zip(default, other):
+    for (_, a, _), (_, b, _) in zip(default, other, strict=True):
         assert torch.equal(a.quantized, b.quantized)
 
 

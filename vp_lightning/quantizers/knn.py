@@ -74,9 +74,13 @@ def brute_force_knn(
     dist = queries.new_empty(n, k)
     idx = torch.empty(n, k, dtype=torch.long, device=queries.device)
     step = query_chunk_rows(p, max_chunk_bytes)
+    points_sq = points.square().sum(1).unsqueeze(0)  # (1, p)
+    points_t = points.t().contiguous()  # (d, p)
     for start in range(0, n, step):
         q = queries[start : start + step]  # (c, d)
-        block = torch.cdist(q, points)  # (c, p), matrix-product form: fast but ~1e-6 cancellation error
+        # Rank by ||p||² - 2 q·p (the squared distance minus the per-row constant ||q||²): one fused matrix
+        # product, no square root; its ~1e-6 cancellation error only matters between near-tied neighbours.
+        block = torch.addmm(points_sq, q, points_t, alpha=-2)  # (c, p)
         _, nn_idx = block.topk(k, dim=1, largest=False, sorted=False)
         # Recompute the chosen neighbours' distances exactly, then sort them.
         exact = (q.unsqueeze(1) - points[nn_idx]).norm(dim=-1)  # (c, k)
@@ -221,10 +225,32 @@ class NearestNeighbors:
 
 def _tree_query(tree: cKDTree, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``cKDTree.query`` that always returns ``(n, k)`` arrays (scipy squeezes ``k=1``)."""
+    n = len(queries)
     # Threads pay off only for enough queries: starting them costs about as much as ~200 queries.
-    workers = -1 if len(queries) >= 512 else 1
-    dist, idx = tree.query(queries, k=[k] if k == 1 else k, workers=workers)
-    return dist.reshape(len(queries), k), idx.reshape(len(queries), k).astype(np.int64, copy=False)
+    workers = -1 if n >= 512 else 1
+    # Queries in Z-order visit the tree's nodes in a cache-friendly sequence: about 2x less CPU time for
+    # 10^6-row trees, for ~2 ms of sorting per 10^4 queries.
+    order = morton_order(queries) if n >= 1024 else None
+    dist, idx = tree.query(queries if order is None else queries[order], k=[k] if k == 1 else k, workers=workers)
+    dist, idx = dist.reshape(n, k), idx.reshape(n, k).astype(np.int64, copy=False)
+    if order is not None:
+        back = np.empty_like(order)
+        back[order] = np.arange(n)
+        dist, idx = dist[back], idx[back]
+    return dist, idx
+
+
+def morton_order(points: np.ndarray) -> np.ndarray:
+    """Permutation sorting ``(n, d)`` points along a Z-order (Morton) curve over their bounding box."""
+    n, d = points.shape
+    bits = max(1, min(10, 63 // d))
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    cells = ((points - lo) / np.maximum(hi - lo, 1e-12) * (2**bits - 1)).astype(np.uint64)  # (n, d)
+    code = np.zeros(n, dtype=np.uint64)
+    for b in range(bits):
+        for j in range(d):
+            code |= ((cells[:, j] >> np.uint64(b)) & np.uint64(1)) << np.uint64(b * d + j)
+    return np.argsort(code, kind="stable")
 
 
 def _exact_cdist(queries: np.ndarray, points: np.ndarray, max_chunk_bytes: int) -> np.ndarray:
@@ -242,4 +268,6 @@ def nearest(queries: Tensor, points: Tensor, backend: Backend = "auto") -> tuple
     return dist[:, 0], idx[:, 0]
 
 
-__all__ = ["BACKENDS", "NearestNeighbors", "brute_force_knn", "nearest", "query_chunk_rows", "resolve_backend"]
+__all__ = [
+    "BACKENDS", "NearestNeighbors", "brute_force_knn", "morton_order", "nearest", "query_chunk_rows", "resolve_backend"
+]
