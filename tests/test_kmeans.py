@@ -112,8 +112,15 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         with_init = kmeans(half, 24, init=init)
         torch.manual_seed(100 + rank)  # different random state per rank: the init must still agree
         seeded = kmeans(half, 24)
+        empty_rank1 = kmeans(x if rank == 0 else x[:0], 24, init=init)  # a rank without latents takes part
         torch.save(
-            {"init": with_init.centroids, "counts": with_init.counts, "mse": with_init.mse, "pp": seeded.centroids},
+            {
+                "init": with_init.centroids,
+                "counts": with_init.counts,
+                "mse": with_init.mse,
+                "pp": seeded.centroids,
+                "empty": empty_rank1.centroids,
+            },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -130,3 +137,5 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     torch.testing.assert_close(r0["init"], single.centroids, atol=1e-5, rtol=0)
     assert torch.equal(r0["counts"], single.counts)
     assert r0["mse"] == pytest.approx(single.mse, rel=1e-6)
+    assert torch.equal(r0["empty"], r1["empty"])
+    torch.testing.assert_close(r0["empty"], single.centroids, atol=1e-5, rtol=0)

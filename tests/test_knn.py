@@ -7,6 +7,7 @@ import torch
 from vp_lightning.quantizers.knn import (
     NearestNeighbors,
     brute_force_knn,
+    morton_order,
     nearest,
     query_chunk_rows,
     resolve_backend,
@@ -46,9 +47,15 @@ def test_chunking_does_not_change_results():
     assert torch.equal(full[0], chunked[0]) and torch.equal(full[1], chunked[1])
 
 
+def test_morton_order_hand_checked():
+    square = np.array([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    assert morton_order(square).tolist() == [3, 2, 1, 0]  # Z: (0,0), (1,0), (0,1), (1,1)
+
+
 def test_backends_agree_to_1e5():
+    # 1500 queries: the kd-tree path sorts them along a Z-order curve and must restore their order.
     g = torch.Generator().manual_seed(2)
-    points, queries = torch.randn(20_000, 5, generator=g), torch.randn(300, 5, generator=g)
+    points, queries = torch.randn(20_000, 5, generator=g), torch.randn(1500, 5, generator=g)
     d_tree, i_tree = NearestNeighbors("kdtree").search(queries, points, 80)
     d_torch, i_torch = NearestNeighbors("torch").search(queries, points, 80)
     torch.testing.assert_close(d_tree, d_torch, atol=1e-5, rtol=0)

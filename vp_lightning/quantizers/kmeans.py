@@ -3,7 +3,8 @@
 Under ``torch.distributed`` each rank holds its own share of the latents. The k-means++ init runs on rank 0 and
 is broadcast; every Lloyd iteration all-reduces the per-cluster counts, sums and sums of squares, so all ranks
 compute the same centroids (they are broadcast from rank 0 once more at the end, against any floating-point
-divergence). Every rank must call :func:`kmeans` (it is a collective), each with at least one latent.
+divergence). Every rank must call :func:`kmeans` (it is a collective); a rank may hold no latents, except rank 0
+when it has to seed.
 
 Assignments use :mod:`vp_lightning.quantizers.knn` (a kd-tree over the centroids on CPU at low ``d``, chunked
 ``cdist`` otherwise), so memory stays bounded and low-dimensional fits are fast.
@@ -181,13 +182,16 @@ def kmeans(
     d = x.shape[1]
     sync = distributed_active(distributed)
     rank = dist.get_rank() if sync else 0
-    total = torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)
+    # [latents on all ranks, latents on rank 0]: checked collectively so every rank raises, none hangs
+    counts = torch.tensor([float(x.shape[0]), float(x.shape[0]) if rank == 0 else 0.0], dtype=torch.float64,
+                          device=x.device)
     if sync:
-        dist.all_reduce(total)
-    if total.item() < k:
-        raise ValueError(f"k-means with k={k} centroids needs at least {k} latents, got {int(total.item())}")
-    if x.shape[0] == 0:
-        raise ValueError("every rank needs at least one latent for k-means")
+        dist.all_reduce(counts)
+    total, on_rank0 = int(counts[0].item()), int(counts[1].item())
+    if total < k:
+        raise ValueError(f"k-means with k={k} centroids needs at least {k} latents, got {total}")
+    if init is None and on_rank0 == 0:
+        raise ValueError("k-means++ seeding runs on rank 0, which holds no latents; pass `init` or give it data")
 
     centroids = _initial_centroids(x, k, init, rank, sync, init_sample_size, generator)
     bar = _progress_bar(max_iter) if progress_bar and rank == 0 else None
