@@ -195,3 +195,37 @@ def test_real_tokenizer_module_with_vp(tmp_path):
     assert int(model.quantizer.last_fit.counts.sum()) == 256
     result = trainer.validate(model, DataLoader(x, batch_size=4), ckpt_path=callback.final_checkpoint_path, verbose=False)
     assert result[0]["val/codebook/perplexity"] > 1
+
+
+class _DumpCodebook(L.Callback):
+    """Saves each rank's final codebook and fit history (runs after CodebookFitting's on_train_end)."""
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        fitting = next(c for c in trainer.callbacks if isinstance(c, CodebookFitting))
+        q = pl_module.quantizer
+        torch.save(
+            {"codebook": q.codebook.clone(), "frozen": bool(q.codebook_frozen), "history": fitting.history},
+            f"{self.out_dir}/rank{trainer.global_rank}.pt",
+        )
+
+
+@pytest.mark.slow
+def test_ddp_ranks_end_with_the_same_final_codebook(tmp_path):
+    torch.manual_seed(0)
+    model = TinyTokenizer(_vp())
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_steps=4, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0,
+        accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[CodebookFitting(latents_per_code=10, progress_bar=False), _DumpCodebook(str(tmp_path)),
+                   ModelCheckpoint(dirpath=tmp_path / "ckpts")],
+    )
+    trainer.fit(model)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert torch.equal(r0["codebook"], r1["codebook"]) and r0["frozen"] and r1["frozen"]
+    assert [e["stage"] for e in r0["history"]] == ["monitor", "monitor", "final"]
+    assert r0["history"][-1]["quantization_error"] == pytest.approx(r1["history"][-1]["quantization_error"])
+    assert (tmp_path / "ckpts" / "final.ckpt").exists()
