@@ -72,6 +72,13 @@ class VPLightningCLI(LightningCLI):
             LightningModule, LightningDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs
         )
 
+    def after_fit(self) -> None:
+        """When a final codebook was fitted after training (VP), validate once more with it."""
+        fitted = [cb for cb in self.trainer.callbacks if getattr(cb, "final_checkpoint_path", None)]
+        if fitted and self.trainer.state.finished:
+            print(f"Validating with the final codebook ({fitted[0].final_checkpoint_path})", flush=True)
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that report a user's mistake: printed as one line, no traceback."""

@@ -34,6 +34,9 @@ class RunSummary(L.Callback):
                 best = cb.best_model_path or cb.last_model_path
                 if best:
                     lines.append(f"  checkpoint: {best}")
+        for cb in trainer.callbacks:
+            if getattr(cb, "final_checkpoint_path", None):
+                lines.append(f"  final codebook: {cb.final_checkpoint_path} (use it with validate/test --ckpt_path)")
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 exp = logger.experiment
