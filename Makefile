@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
-QUICKSTART ?= conf/quickstart/image-fsq.yaml
+QUICKSTART ?= conf/quickstart/image-vpvae.yaml
 PYTEST_ARGS ?=
 
 .PHONY: quickstart test test-fast install install-dev system-deps lint bench clean
