@@ -110,6 +110,9 @@ class VectorPerturbation(nn.Module):
         accepted_norm_decay: decay per training step of the running mean of accepted perturbation norms
             (``0.99`` ≈ the last 100 steps), used by :meth:`eta_matching_ratio`.
 
+    Metrics (training): ``accept_rate``; ``perturbation_norm``, the mean norm of the applied perturbation over
+    all tokens (0 for rejected proposals); ``radius``, the mean ``R(z)``; ``norm_loss`` (also in eval).
+
     Buffers (all saved in checkpoints): ``queue`` ``(K·M, d)``, ``queue_ptr`` (next row to write),
     ``codebook`` ``(K, d)``, ``codebook_fitted`` and ``codebook_frozen`` flags, ``accepted_norm_ema`` and
     ``accepted_norm_weight`` (the bias-corrected running mean is their ratio).
