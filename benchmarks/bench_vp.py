@@ -10,6 +10,7 @@ programs load the machine, and on an idle machine wall time is about ``cpu ms / 
 
     python benchmarks/bench_vp.py            # the three paper-scale settings, all quantizers
     python benchmarks/bench_vp.py --quick    # smoke run: fewer steps, brute force only at K=1024
+    python benchmarks/bench_vp.py --settings 1024,4,2048 --quantizers vp-kdtree vp-torch
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--budget", type=float, default=120.0, help="seconds per measurement before stopping early")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--settings", nargs="*", default=None, metavar="K,d,tokens",
+                        help="subset of settings, e.g. 1024,4,2048 (default: all three)")
+    parser.add_argument("--quantizers", nargs="*", default=None, choices=["vp-kdtree", "vp-torch", "fsp", "fsq"],
+                        help="subset of quantizers (default: all)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,7 +84,13 @@ def main() -> None:
               f"{'steps':>5} {'accept':>6} {'torch/kdtree':>12} {'vs example':>10}")
     print(header)
     print("-" * len(header))
-    for k, d, tokens in SETTINGS:
+    settings = SETTINGS
+    if args.settings:
+        settings = [tuple(int(v) for v in item.split(",")) for item in args.settings]
+        unknown = [item for item in settings if item not in REFERENCE_MS]
+        if unknown:
+            parser.error(f"unknown settings {unknown}; choose among {SETTINGS}")
+    for k, d, tokens in settings:
         candidates: dict[str, Callable[[], torch.nn.Module]] = {
             "vp-kdtree": lambda k=k, d=d: VectorPerturbation(d, k, knn_backend="kdtree"),
             "vp-torch": lambda k=k, d=d: VectorPerturbation(d, k, knn_backend="torch"),
@@ -88,6 +99,8 @@ def main() -> None:
         }
         if args.quick and k > 1024:
             candidates.pop("vp-torch")
+        if args.quantizers:
+            candidates = {name: f for name, f in candidates.items() if name in args.quantizers}
         medians: dict[str, float] = {}
         for name, factory in candidates.items():
             wall, cpu, accepts = time_steps(factory(), tokens, d, steps, args.budget)
