@@ -125,3 +125,26 @@ def test_nonfinite_loss_names_step_and_term():
     x = torch.full((2, 3, 16, 16), float("nan"))
     with pytest.raises(FloatingPointError, match="step 0.*l1"):
         model.training_step(x, 0)
+
+
+class _OneNaNBatch(_Images):
+    def train_dataloader(self):
+        x = self.x.clone()
+        x[4:8] = float("nan")  # the second batch
+        return DataLoader(x, batch_size=4)
+
+
+def test_nonfinite_step_is_skipped_when_configured(tmp_path):
+    model = tiny_module(on_nonfinite_loss="skip")
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, max_epochs=1)
+    trainer.fit(model, datamodule=_OneNaNBatch())
+    assert model.skipped_nonfinite_steps == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN batch never reached the weights
+
+
+def test_nonfinite_loss_stops_training_by_default(tmp_path):
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, max_epochs=1)
+    with pytest.raises(FloatingPointError, match="step 1"):
+        trainer.fit(tiny_module(), datamodule=_OneNaNBatch())

@@ -84,8 +84,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that report a user's mistake: printed as one line, no traceback."""
     from vp_lightning.data import DatasetLayoutError, TooManyBadFilesError
     from vp_lightning.losses import MissingWeightsError
+    from vp_lightning.models import NonFiniteLossError
 
-    return (UserError, DatasetLayoutError, TooManyBadFilesError, MissingWeightsError)
+    return (UserError, DatasetLayoutError, TooManyBadFilesError, MissingWeightsError, NonFiniteLossError)
 
 
 TOOLS = {

@@ -1,5 +1,5 @@
 """LightningModules of the tokenizer track."""
 
-from vp_lightning.models.tokenizer import TokenizerModule
+from vp_lightning.models.tokenizer import NonFiniteLossError, TokenizerModule
 
-__all__ = ["TokenizerModule"]
+__all__ = ["NonFiniteLossError", "TokenizerModule"]

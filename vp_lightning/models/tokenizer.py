@@ -42,6 +42,10 @@ def token_mask_from_sample_mask(mask: Tensor | None, positions: tuple[int, ...])
     return pooled.reshape(b, positions[0]) >= 0.5
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; the message names the step and the loss terms."""
+
+
 class TokenizerModule(L.LightningModule):
     """Autoencoder with a discrete bottleneck; the same class for VQ, FSQ, FSP and VP, images and audio.
 
@@ -57,6 +61,9 @@ class TokenizerModule(L.LightningModule):
         optimizer: optimizer factory; default ``Adam(lr=1e-4, betas=(0.5, 0.9))`` as in VQGAN.
         lr_scheduler: optional LR scheduler factory, stepped every ``lr_scheduler_interval``.
         lr_scheduler_interval: ``"step"`` or ``"epoch"``.
+        on_nonfinite_loss: ``"raise"`` stops training with :class:`NonFiniteLossError` naming the step and the loss
+            terms (checkpoints already written stay the last good ones); ``"skip"`` skips that optimisation step
+            and counts it in ``train/skipped_nonfinite_steps``.
     """
 
     def __init__(
@@ -69,6 +76,7 @@ class TokenizerModule(L.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: str = "step",
+        on_nonfinite_loss: str = "raise",
     ):
         super().__init__()
         if _given_hyperparameters.get() is not None:  # built by the CLI: hparams are the (picklable) config
@@ -82,6 +90,10 @@ class TokenizerModule(L.LightningModule):
                 raise TypeError(f"{name} {type(module).__name__} must expose `{attr}` (channels at the bottleneck)")
         if lr_scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"lr_scheduler_interval must be 'step' or 'epoch', got {lr_scheduler_interval!r}")
+        if on_nonfinite_loss not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite_loss must be 'raise' or 'skip', got {on_nonfinite_loss!r}")
+        self.on_nonfinite_loss = on_nonfinite_loss
+        self.skipped_nonfinite_steps = 0
         self.encoder = encoder
         self.decoder = decoder
         self.quantizer_factory = quantizer
@@ -159,11 +171,16 @@ class TokenizerModule(L.LightningModule):
             self.log(f"{stage}/quantizer/{name}", value, **log_kw)
         if not torch.isfinite(total):
             bad = [name for name, value in {**terms, "quantizer": out.loss}.items() if not torch.isfinite(value)]
-            raise FloatingPointError(f"non-finite {stage} loss at step {self.global_step}: terms {bad}")
+            message = f"non-finite {stage} loss at step {self.global_step}: terms {bad}"
+            if not (train and self.on_nonfinite_loss == "skip"):
+                raise NonFiniteLossError(message + " (set model.on_nonfinite_loss=skip to skip such steps)")
+            self.skipped_nonfinite_steps += 1
+            self.log("train/skipped_nonfinite_steps", float(self.skipped_nonfinite_steps), on_step=True)
+            return None
         token_mask = token_mask_from_sample_mask(mask, tuple(out.indices.shape[1:]))
         return {"loss": total, "indices": out.indices.detach(), "token_mask": token_mask, "x": x, "x_hat": x_hat.detach()}
 
-    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Any] | None:
         return self._shared_step(batch, "train")
 
     def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
