@@ -7,6 +7,7 @@ quantizer get shades of that hue ordered by eta (darker = larger), so a sweep ov
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 import matplotlib
@@ -28,7 +29,6 @@ USAGE_TITLES = {
 STYLE = {
     "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
     "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
-    "svg.fonttype": "none",  # text stays text: smaller files, selectable labels
     "font.family": "DejaVu Sans",  # bundled with matplotlib: the same text metrics everywhere
 }
 
@@ -68,14 +68,19 @@ def legend_labels(runs: list[RunData]) -> dict[str, str]:
     }
 
 
-def figure_svg(fig: Figure, salt: str) -> str:
-    """The figure as an inline ``<svg>`` element (no XML prolog); ``salt`` keeps element ids unique per figure."""
+def figure_svg(fig: Figure, prefix: str) -> str:
+    """The figure as an inline ``<svg>`` element (no XML prolog).
+
+    Matplotlib names elements ``figure_1``, ``axes_1``, glyph ``DejaVuSans-..`` in every figure; with several
+    figures in one page those ids would collide, so each id and every reference to it gets ``prefix``.
+    """
     buffer = io.StringIO()
-    with matplotlib.rc_context({"svg.hashsalt": salt}):
-        fig.savefig(buffer, format="svg", bbox_inches="tight")
+    fig.savefig(buffer, format="svg", bbox_inches="tight")  # text as paths: renders the same without the font
     plt.close(fig)
     svg = buffer.getvalue()
-    return svg[svg.find("<svg"):]
+    svg = svg[svg.find("<svg"):]
+    svg = re.sub(r'(\sid=")([^"]+")', rf"\g<1>{prefix}-\g<2>", svg)
+    return re.sub(r"(href=\"#|url\(#)", rf"\g<1>{prefix}-", svg)
 
 
 def usage_over_training(runs: list[RunData], colors: dict[str, Any]) -> Figure:
