@@ -4,6 +4,11 @@ audio tokenizer step with the audio sample callback."""
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +124,43 @@ def test_tiny_tokenizer_trains_on_masked_batches_and_writes_audio_samples(tmp_pa
     reconstruction, rate = sf.read(out / "1_reconstruction.flac")
     assert rate == 16000 and len(reconstruction) == 2500  # cropped to the real (unpadded) length
     assert (out / "spectrograms.png").stat().st_size > 0
+
+
+# -- audio configs (slow: each runs the command line in a subprocess) --------------------------------------------
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+AUDIO_CONFIGS = sorted(CONF.glob("quickstart/audio-*.yaml")) + sorted(CONF.glob("audio/*.yaml"))
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, "-m", "vp_lightning", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", AUDIO_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_audio_config_resolves_and_builds_its_networks(config, tmp_path):
+    import yaml
+
+    proc = run_cli(["fit", "--config", str(config), "--print_config"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = yaml.safe_load(proc.stdout)["model"]["init_args"]
+    enc, dec = (model[k]["init_args"] for k in ("encoder", "decoder"))
+    encoder = AudioEncoder(**enc)
+    decoder = AudioDecoder(**dec)
+    assert encoder.out_channels == decoder.in_channels and encoder.hop_length == decoder.hop_length
+    assert encoder.hop_length == (96 if config.parent.name == "audio" else 160)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
+def test_audio_quickstart_fits_and_reports_audio_metrics(tmp_path):
+    fast = ["--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1"]
+    proc = run_cli(["fit", "--config", str(CONF / "quickstart" / "audio-fsq.yaml"), *fast], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for key in ("val/pesq", "val/stoi", "val/si_snr", "val/mel_distance", "val/codebook/cvu"):
+        assert key in proc.stdout, key
+    run = tmp_path / "runs" / "quickstart-audio-fsq" / "version_0"
+    assert sorted(p.name for p in (run / "audio_samples" / "step0000003").iterdir())[:2] == [
+        "0_original.flac", "0_reconstruction.flac"]

@@ -42,11 +42,23 @@ def _activation(name: str, channels: int) -> nn.Module:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
+def _init(conv: nn.Module, fan_in: float, gain: float = 1.0) -> nn.Module:
+    """Variance-preserving weights, zero biases.
+
+    PyTorch's default conv init shrinks the signal's variance about threefold per layer while the biases add
+    constants, so after the ~20 convolutions of an encoder the features barely depend on the (quiet, std ~0.1)
+    waveform: every latent falls into the same quantizer cell and training starts collapsed.
+    """
+    nn.init.normal_(conv.weight, 0.0, gain / math.sqrt(fan_in))
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
 def _conv(cin: int, cout: int, kernel: int, *, stride: int = 1, dilation: int = 1, padding: int | None = None,
-          weight_norm: bool = True) -> nn.Module:
+          weight_norm: bool = True, gain: float = 1.0) -> nn.Module:
     if padding is None:  # "same" length for stride 1
         padding = dilation * (kernel - 1) // 2
-    conv = nn.Conv1d(cin, cout, kernel, stride=stride, dilation=dilation, padding=padding)
+    conv = _init(nn.Conv1d(cin, cout, kernel, stride=stride, dilation=dilation, padding=padding), cin * kernel, gain)
     return _weight_norm(conv) if weight_norm else conv
 
 
@@ -54,6 +66,7 @@ def _conv_transpose(cin: int, cout: int, stride: int, weight_norm: bool) -> nn.M
     # kernel 2s, padding ceil(s/2), output_padding s % 2  =>  L_out = L_in * s exactly, for odd and even s
     conv = nn.ConvTranspose1d(cin, cout, 2 * stride, stride=stride, padding=math.ceil(stride / 2),
                               output_padding=stride % 2)
+    _init(conv, cin * 2 * stride / stride)  # each output sample sees cin * kernel / stride inputs
     return _weight_norm(conv) if weight_norm else conv
 
 
@@ -188,7 +201,9 @@ class AudioDecoder(nn.Module):
         for stride, cin, cout in zip(reversed(self.strides), widths[::-1][:-1], widths[::-1][1:], strict=True):
             layers += [_activation(activation, cin), _conv_transpose(cin, cout, stride, weight_norm)]
             layers += _residual_stack(cout, dilations, activation, weight_norm)
-        layers += [_activation(activation, widths[0]), _conv(widths[0], out_channels, 7, weight_norm=weight_norm)]
+        # a quiet start (output std ~0.1 like speech) keeps the tanh in its linear range
+        layers += [_activation(activation, widths[0]),
+                   _conv(widths[0], out_channels, 7, weight_norm=weight_norm, gain=0.1)]
         if tanh:
             layers.append(nn.Tanh())
         self.net = nn.Sequential(*layers)
