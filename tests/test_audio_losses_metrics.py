@@ -189,3 +189,21 @@ def test_quality_resamples_for_pesq_at_other_rates():
     metric = AudioQuality(sample_rate=24000, stoi=False)
     metric.update(x24.clone(), x24)
     assert metric.compute()["pesq"] > 4.0
+
+
+def test_loss_and_metric_compute_in_float32_under_autocast():
+    x = speech_like(0.25)
+    x_hat = x + 0.01 * torch.randn_like(x)
+    loss = AudioReconstructionLoss(mel=1.0, stft_resolutions=[(256, 64, 256)])
+    reference = loss(x_hat, x)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        terms = loss(x_hat.bfloat16(), x)
+    for name, value in terms.items():
+        assert value.dtype == torch.float32
+        assert value.item() == pytest.approx(reference[name].item(), rel=0.05), name
+    metric = AudioQuality(pesq=False, stoi=False)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        metric.update(x_hat, x)
+    plain = AudioQuality(pesq=False, stoi=False)
+    plain.update(x_hat, x)
+    assert metric.compute()["mel_distance"].item() == pytest.approx(plain.compute()["mel_distance"].item(), rel=1e-5)

@@ -49,6 +49,17 @@ def test_encoder_pads_with_zeros_so_padding_does_not_change_earlier_tokens():
     assert torch.allclose(enc(padded)[..., :10], enc(torch.cat([x, torch.zeros(1, 1, 20)], -1))[..., :10])
 
 
+def test_initial_features_follow_a_quiet_waveform():
+    # speech has std ~0.1; with PyTorch's default init the features would be nearly constant over time, so every
+    # latent would land in one quantizer cell at the start of training
+    torch.manual_seed(0)
+    enc, dec = AudioEncoder(channels=8, strides=(4, 5, 8)), AudioDecoder(channels=8, strides=(4, 5, 8))
+    with torch.no_grad():
+        h = enc(0.1 * torch.randn(4, 1, 8000))
+        assert h.std(-1).mean() > 0.1  # varies over tokens
+        assert 0.01 < dec(torch.randn_like(h)).std() < 0.5  # quiet output, tanh in its linear range
+
+
 def test_token_mask_marks_tokens_with_any_real_sample():
     enc = AudioEncoder(channels=4, strides=(2, 2))  # hop 4
     mask = torch.tensor([[[1, 1, 1, 1, 1, 1, 0, 0, 0, 0]], [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1]]], dtype=torch.float32)

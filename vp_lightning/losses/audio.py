@@ -116,8 +116,13 @@ class AudioReconstructionLoss(ReconstructionLoss):
             )
 
     def forward(self, x_hat: Tensor, x: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+        # spectra and logs of small magnitudes need float32, also when the model trains in bf16/fp16
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._terms(x_hat, x, mask)
+
+    def _terms(self, x_hat: Tensor, x: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
         # b batch, T samples
-        x_hat, x = as_waveform(x_hat).float(), as_waveform(x).float()  # (b, T); spectra in fp32 also under AMP
+        x_hat, x = as_waveform(x_hat).float(), as_waveform(x).float()  # (b, T)
         m = None if mask is None else as_waveform(mask.expand(x.shape[0], *mask.shape[1:])).float()  # (b, T)
         if m is not None:  # zero the padding so spectral frames overlapping it see the same signal on both sides
             x_hat, x = x_hat * m, x * m

@@ -90,10 +90,11 @@ class AudioQuality(Metric):
             raise ValueError(f"x_hat {tuple(x_hat.shape)} and x {tuple(x.shape)} must have the same shape")
         x_hat, x = x_hat.detach().float().reshape(x.shape[0], -1), x.detach().float().reshape(x.shape[0], -1)
         keep = None if mask is None else mask.expand(x.shape[0], *mask.shape[1:]).reshape(x.shape[0], -1) > 0.5
-        for i in range(x.shape[0]):
-            ref, deg = (x[i], x_hat[i]) if keep is None else (x[i][keep[i]], x_hat[i][keep[i]])
-            if ref.numel() > 0:
-                self._update_one(deg.clamp(-1, 1), ref)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # the mel filterbank matmul in float32
+            for i in range(x.shape[0]):
+                ref, deg = (x[i], x_hat[i]) if keep is None else (x[i][keep[i]], x_hat[i][keep[i]])
+                if ref.numel() > 0:
+                    self._update_one(deg.clamp(-1, 1), ref)
 
     def _update_one(self, deg: Tensor, ref: Tensor) -> None:
         # T real samples of one utterance
