@@ -268,7 +268,7 @@ class SweepFolder:
 
     @classmethod
     def open(cls, path: Path, config: dict[str, Any]) -> SweepFolder:
-        """Opens an existing sweep folder; runs left ``running`` by a runner that died become ``interrupted``."""
+        """Opens an existing sweep folder; runs left ``running``/``pending`` by a runner that died become ``interrupted``."""
         record = json.loads((path / "sweep.json").read_text(encoding="utf-8"))
         if _normalized(record.get("config")) != _normalized(config):
             raise UserError(
@@ -277,7 +277,7 @@ class SweepFolder:
             )
         folder = cls(path, record)
         for run in folder.runs:
-            if run["status"] == "running":
+            if run["status"] in ("running", "pending"):
                 run["status"] = "interrupted"
         folder.save()
         return folder
@@ -739,9 +739,37 @@ def dry_run(runner: SweepRunner, count: int) -> int:
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Ctrl+C, ``kill -INT`` and ``kill -TERM`` all stop the sweep cleanly (the running run too).
+
+    A shell starts background jobs (``nohup ... &``) with SIGINT ignored, and an ignored signal stays ignored in
+    every child; installing a handler here resets the launched runs to the default, so Lightning inside them can
+    shut down cleanly when the runner stops them. The previous handlers come back afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     """``vp-lightning sweep``: see :func:`build_parser`. Returns the process exit code."""
     args = build_parser().parse_args(argv)
+    with interruptible():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         config = load_sweep_config(args.sweep_file)
         count = args.count if args.count is not None else (grid_size(config) or 1)
