@@ -12,6 +12,7 @@ from vp_lightning.sparsity.data import (
     split_documents,
     tokenize_pool,
 )
+from vp_lightning.sparsity.errors import SparsityConfigError
 from vp_lightning.sparsity.loading import ByteTokenizer
 
 FRACTIONS = {"calibration": 0.5, "fitness": 0.2, "evaluation": 0.3}
@@ -61,7 +62,7 @@ def test_local_txt_and_jsonl_sources(tmp_path):
     docs = load_documents([str(tmp_path / "one.txt"), str(tmp_path / "many.jsonl")], text_field="body")
     assert [text for _, text in docs] == ["first document", "record 0", "record 1", "record 2"]
     assert len({key for key, _ in docs}) == 4
-    with pytest.raises(KeyError, match="text_field"):
+    with pytest.raises(SparsityConfigError, match="text_field"):
         load_documents([str(tmp_path / "many.jsonl")])
     with pytest.raises(FileNotFoundError):
         load_documents([str(tmp_path / "missing.txt")])

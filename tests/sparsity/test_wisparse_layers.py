@@ -6,12 +6,22 @@ from torch import nn
 
 from vp_lightning.sparsity import SparseLinear, load_plan, save_plan, sparsify
 from vp_lightning.sparsity.allocation import build_plan, fixed_alpha
+from vp_lightning.sparsity.correction import correct_thresholds, measure_layer_sparsity
 from vp_lightning.sparsity.layers import realised_sparsity, set_sparsity_enabled, sparse_layers
 from vp_lightning.sparsity.loading import LLAMA_LAYOUT, projection_sites, tiny_llama
 from vp_lightning.sparsity.plan import plans_equal
 from vp_lightning.sparsity.reference import capture_inputs
 from vp_lightning.sparsity.scores import LogBins
 from vp_lightning.sparsity.statistics import ScoreStatistics, collect_statistics
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: on a busy machine, thread synchronisation costs far more than the arithmetic
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_sparse_linear_hand_example():
@@ -131,3 +141,21 @@ def test_plan_for_another_model_is_rejected(tmp_path):
         sparsify(smaller, plan)
     with pytest.raises(FileNotFoundError):
         load_plan(tmp_path / "missing.json")
+
+
+def test_threshold_correction_realises_the_planned_sparsity_in_the_sparse_model():
+    model = tiny_llama(num_hidden_layers=4)
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(4))
+    stats, sites = _stats_and_sites(model, ids)
+    plan = build_plan(stats, sites, [0.6] * 4, fixed_alpha(1.0), None, "tiny", 0.6)
+    before = measure_layer_sparsity(model, plan, ids)
+    corrected = correct_thresholds(model, plan, stats, ids, iterations=2)
+    after = measure_layer_sparsity(model, corrected, ids)
+    assert [layer.sparsity for layer in corrected.layers.values()] == [layer.sparsity for layer in plan.layers.values()]
+    worst_before = max(abs(before[name] - 0.6) for name in plan.layers)
+    worst_after = max(abs(after[name] - 0.6) for name in plan.layers)
+    assert worst_after < 0.01 <= worst_before
+    quantiles = corrected.metadata["threshold_quantiles"]
+    for name in plan.layers:  # a projection that dropped too much gets a lower quantile, and vice versa
+        if abs(before[name] - 0.6) > 0.01:
+            assert (quantiles[name] - 0.6) * (before[name] - 0.6) < 0

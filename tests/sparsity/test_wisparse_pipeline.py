@@ -20,6 +20,15 @@ from vp_lightning.sparsity.statistics import ScoreStatistics, collect_statistics
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: on a busy machine, thread synchronisation costs far more than the arithmetic
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _module(output_dir: Path) -> WiSparseCalibration:
     return WiSparseCalibration(
         random_config=TINY_LLAMA_CONFIG,
@@ -32,6 +41,7 @@ def _module(output_dir: Path) -> WiSparseCalibration:
         alpha_tokens=128,
         greedy_step=0.05,
         greedy_max_sparsity=0.8,
+        threshold_correction_sequences=2,
     )
 
 
@@ -91,6 +101,9 @@ def test_end_to_end_fit_writes_plans_and_results_and_resumes(tmp_path):
     assert set(plan.layers) == {site.name for site in module.sites}
     teal = load_plan(tmp_path / "plans" / "teal-0.50.json")
     assert {layer.alpha for layer in teal.layers.values()} == {0.0}
+    for layer in teal.layers.values():  # alpha 0: one scalar threshold per projection, as in TEAL
+        assert torch.all(layer.threshold == torch.tensor(layer.tau, dtype=torch.float32))
+    assert set(results["alpha_at_target"]) == set(plan.layers)
     for b, table in module.tables.items():
         rows_ = torch.tensor(table.sparsities)
         assert bool((rows_[1:] >= rows_[:-1]).all()), b

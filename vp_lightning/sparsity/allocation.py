@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from vp_lightning.sparsity.errors import SparsityConfigError
 from vp_lightning.sparsity.greedy import GreedyTable
 from vp_lightning.sparsity.loading import ProjectionSite
 from vp_lightning.sparsity.plan import LayerPlan, SparsityPlan
@@ -36,6 +37,10 @@ class BlockAllocation:
             One sparsity per block whose parameter-weighted average is ``target``.
         """
         raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable identity of the allocation (part of the key of saved results)."""
+        return {"name": self.name}
 
 
 class UniformAllocation(BlockAllocation):
@@ -63,11 +68,14 @@ class FixedAllocation(BlockAllocation):
 
     def block_sparsities(self, target: float, block_params: Sequence[int]) -> list[float]:
         if len(self.sparsities) != len(block_params):
-            raise ValueError(f"FixedAllocation has {len(self.sparsities)} sparsities for {len(block_params)} blocks")
+            raise SparsityConfigError(f"FixedAllocation has {len(self.sparsities)} sparsities for {len(block_params)} blocks")
         average = sum(s * p for s, p in zip(self.sparsities, block_params, strict=True)) / sum(block_params)
         if abs(average - target) > self.tolerance:
-            raise ValueError(f"FixedAllocation averages {average:.6f}, not the target {target}")
+            raise SparsityConfigError(f"FixedAllocation averages {average:.6f}, not the target {target}")
         return list(self.sparsities)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "sparsities": self.sparsities}
 
 
 def fixed_alpha(alpha: float) -> AlphaRule:

@@ -40,7 +40,10 @@ from vp_lightning.sparsity.allocation import (
     fixed_alpha,
 )
 from vp_lightning.sparsity.alpha import AlphaSelection, block_alpha_errors
+from vp_lightning.sparsity.correction import correct_thresholds
+from vp_lightning.sparsity.errors import SparsityConfigError
 from vp_lightning.sparsity.evaluation import (
+    EvalResult,
     Variant,
     convention,
     evaluate_variants,
@@ -93,6 +96,9 @@ class WiSparseCalibration(L.LightningModule):
         greedy_step: block-sparsity increment of the in-block greedy.
         greedy_max_sparsity: block sparsity where the greedy stops.
         allocation: sparsity of every block for a target; None = uniform.
+        threshold_correction_sequences: calibration sequences on which every plan's thresholds are corrected
+            for the sparse model's own activations (0 = thresholds straight from the dense statistics).
+        threshold_correction_iterations: fixed-point steps of that correction.
         eval_batch_size: sequences per forward pass in the evaluation.
         dense_prefix: leading positions of each evaluation sequence left dense.
     """
@@ -116,12 +122,14 @@ class WiSparseCalibration(L.LightningModule):
         greedy_step: float = 0.025,
         greedy_max_sparsity: float = 0.9,
         allocation: BlockAllocation | None = None,
+        threshold_correction_sequences: int = 0,
+        threshold_correction_iterations: int = 1,
         eval_batch_size: int = 2,
         dense_prefix: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 < target_sparsity < 1.0:
-            raise ValueError(f"target_sparsity must lie in (0, 1), got {target_sparsity}")
+            raise SparsityConfigError(f"target_sparsity must lie in (0, 1), got {target_sparsity}")
         self.save_hyperparameters(ignore=["allocation", "layout"])
         self.model_source = model
         self.gguf_file = gguf_file
@@ -144,6 +152,8 @@ class WiSparseCalibration(L.LightningModule):
         self.greedy_step = greedy_step
         self.greedy_max_sparsity = greedy_max_sparsity
         self.allocation = allocation or UniformAllocation()
+        self.threshold_correction_sequences = threshold_correction_sequences
+        self.threshold_correction_iterations = threshold_correction_iterations
         self.eval_batch_size = eval_batch_size
         self.dense_prefix = dense_prefix
         # Nothing is trained: optimisation is manual and never happens. DistributedDataParallel refuses to
@@ -223,7 +233,7 @@ class WiSparseCalibration(L.LightningModule):
     def _datamodule(self) -> Any:
         datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "pool"):
-            raise TypeError(
+            raise SparsityConfigError(
                 "WiSparseCalibration needs a datamodule with pool(name) (e.g. vp_lightning.sparsity.WiSparseTextData)"
             )
         return datamodule
@@ -258,7 +268,8 @@ class WiSparseCalibration(L.LightningModule):
                 "evaluation": data.pool_fingerprint("evaluation"),
                 "targets": self.eval_sparsities,
                 "target": self.target_sparsity,
-                "allocation": type(self.allocation).__name__,
+                "allocation": self.allocation.describe(),
+                "threshold_correction": [self.threshold_correction_sequences, self.threshold_correction_iterations],
                 "dense_prefix": self.dense_prefix,
             }
         raise KeyError(stage)
@@ -283,7 +294,7 @@ class WiSparseCalibration(L.LightningModule):
         vocab = self.llm.get_input_embeddings().num_embeddings
         for pool in ("calibration", "evaluation"):
             if int(data.pool(pool).max()) >= vocab:
-                raise ValueError(f"the {pool} pool has token ids >= the model's vocabulary ({vocab}); "
+                raise SparsityConfigError(f"the {pool} pool has token ids >= the model's vocabulary ({vocab}); "
                                  "the datamodule's tokenizer does not match the model")
         key = self._key("statistics")
         meta_path = self.statistics_path.with_suffix(".json")
@@ -341,8 +352,8 @@ class WiSparseCalibration(L.LightningModule):
         with torch.no_grad():
             self.select_alpha()
             self.build_greedy_tables()
-            plans = self.export_plans()
-            self.evaluate(plans)
+            if self._load_results() is None:
+                self.evaluate(self.export_plans())
 
     # --------------------------------------------------------------------------- shared helpers
     def _blocks(self) -> nn.ModuleList:
@@ -499,7 +510,7 @@ class WiSparseCalibration(L.LightningModule):
         if greedy and any(block_sparsities[b] > self.tables[b].max_sparsity + 1e-9 for b in self.tables):
             rank_zero_warn(f"greedy tables do not reach sparsity {target}; skipping {method} at {target}")
             return None
-        return build_plan(
+        plan = build_plan(
             self.stats,
             self.sites,
             block_sparsities,
@@ -515,6 +526,20 @@ class WiSparseCalibration(L.LightningModule):
                 "calibration_tokens": self.stats.tokens(),
             },
         )
+        if self.threshold_correction_sequences > 0:
+            assert self.llm is not None
+            rank, world = self.world
+            plan = correct_thresholds(
+                self.llm, plan, self.stats, self._correction_sequences()[rank::world],
+                self.threshold_correction_iterations, self.eval_batch_size, self._reduce_sum,
+            )
+        return plan
+
+    def _correction_sequences(self) -> Tensor:
+        """Evenly spaced calibration sequences for the threshold correction."""
+        pool = self._datamodule().pool("calibration")
+        count = min(self.threshold_correction_sequences, pool.shape[0])
+        return pool[torch.linspace(0, pool.shape[0] - 1, count).round().long()]
 
     METHODS = ("teal", "alpha1", "wisparse-alpha", "wisparse-alpha-greedy")
 
@@ -539,15 +564,20 @@ class WiSparseCalibration(L.LightningModule):
         return plans
 
     # ----------------------------------------------------------------------- stage 5: evaluation
+    def _load_results(self) -> list[EvalResult] | None:
+        """Saved results of this exact configuration, if any (then plans and evaluation are skipped)."""
+        path = self.output_dir / "results.json"
+        saved = self._load_json(path, "evaluation")
+        if saved is None:
+            return None
+        rank_zero_info(f"[wisparse] results already in {path}:\n" + (self.output_dir / "results.md").read_text())
+        self.results = [EvalResult(**row) for row in saved["results"]]
+        return self.results
+
     def evaluate(self, plans: dict[tuple[str, float], SparsityPlan]) -> list[Any]:
         """Evaluate dense and every plan on the evaluation pool; writes ``results.{md,csv,json}``."""
         assert self.llm is not None
         path = self.output_dir / "results.json"
-        saved = self._load_json(path, "evaluation")
-        if saved is not None:
-            rank_zero_info(f"[wisparse] results already in {path}:\n" + (self.output_dir / "results.md").read_text())
-            self.results = saved["results"]
-            return self.results
         sequences = self._datamodule().pool("evaluation")
         rank, world = self.world
         variants = [Variant("dense", "dense model", None)]
@@ -575,6 +605,10 @@ class WiSparseCalibration(L.LightningModule):
             document = json.loads(results_json(results, header))
             document["key"] = self._key("evaluation")
             document["timings_s"] = self._timings
+            document["alpha_at_target"] = {s.name: self.alpha_rule()(s.name, self.target_sparsity) for s in self.sites}
+            main = plans.get(("wisparse-alpha-greedy", self.target_sparsity))
+            if main is not None:
+                document["greedy_projection_sparsity_at_target"] = {n: p.sparsity for n, p in main.layers.items()}
             path.write_text(json.dumps(document, indent=1) + "\n")
             rank_zero_info("[wisparse] results\n" + markdown)
             metrics = {}
@@ -583,7 +617,19 @@ class WiSparseCalibration(L.LightningModule):
                 metrics.update({f"{prefix}/perplexity": row.perplexity, f"{prefix}/kl": row.kl,
                                 f"{prefix}/realised_sparsity": row.realised})
             self._log_metrics(metrics)
+            self._log_tables(results)
         return results
+
+    def _log_tables(self, results: list[EvalResult]) -> None:
+        """Results and the chosen alphas as tables for loggers that take tables (W&B)."""
+        columns = ["method", "target", "calibrated", "realised", "perplexity", "kl"]
+        rows = [[getattr(r, c) for c in columns] for r in results]
+        rule = self.alpha_rule()
+        alpha_rows = [[s.block, s.projection, rule(s.name, self.target_sparsity)] for s in self.sites]
+        for logger in self.loggers:
+            if hasattr(logger, "log_table"):
+                logger.log_table(key="wisparse/results", columns=columns, data=rows)
+                logger.log_table(key="wisparse/alpha", columns=["block", "projection", "alpha"], data=alpha_rows)
 
     def _results_header(self, sequences: Tensor) -> str:
         assert self.stats is not None and self.alpha_selection is not None
@@ -592,7 +638,10 @@ class WiSparseCalibration(L.LightningModule):
             "",
             convention(sequences.shape[0], sequences.shape[1], self.dense_prefix),
             f"Calibration: {self.stats.tokens()} tokens; alpha grid {self.alpha_grid}; block allocation "
-            f"{self.allocation.name}; greedy step {self.greedy_step} up to {self.greedy_max_sparsity}.",
+            f"{self.allocation.name}; greedy step {self.greedy_step} up to {self.greedy_max_sparsity}; thresholds "
+            + (f"corrected on {self.threshold_correction_sequences} calibration sequences of the sparse model "
+               f"({self.threshold_correction_iterations} step)." if self.threshold_correction_sequences > 0
+               else "straight from the dense calibration statistics."),
         ]
         target = self.target_sparsity
         mean = {}

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from vp_lightning.sparsity.errors import SparsityConfigError, SparsityInputMissingError
 from vp_lightning.sparsity.loading import load_tokenizer
 
 POOLS = ("calibration", "fitness", "evaluation")
@@ -58,12 +59,12 @@ def load_documents(sources: Sequence[str] | None = None, text_field: str = "text
                     if line.strip():
                         record = json.loads(line)
                         if text_field not in record:
-                            raise KeyError(f"{path}:{line_number + 1} has no field {text_field!r} (text_field)")
+                            raise SparsityConfigError(f"{path}:{line_number + 1} has no field {text_field!r} (text_field)")
                         documents.append((f"{path}:{line_number}", record[text_field]))
         elif not path.exists():
-            raise FileNotFoundError(f"text source {path} does not exist")
+            raise SparsityInputMissingError(f"text source {path} does not exist")
         else:
-            raise ValueError(f"unsupported text source {path}: use .txt, .jsonl or a datasets directory")
+            raise SparsityConfigError(f"unsupported text source {path}: use .txt, .jsonl or a datasets directory")
     return [(key, text) for key, text in documents if text.strip()]
 
 
@@ -71,12 +72,12 @@ def _dataset_documents(path: Path, text_field: str) -> list[tuple[str, str]]:
     try:
         import datasets
     except ModuleNotFoundError as error:
-        raise ModuleNotFoundError(f"{path} is a directory; reading it needs `pip install datasets`") from error
+        raise SparsityInputMissingError(f"{path} is a directory; reading it needs `pip install datasets`") from error
     data = datasets.load_from_disk(str(path))
     if isinstance(data, datasets.DatasetDict):
         data = datasets.concatenate_datasets([data[split] for split in sorted(data)])
     if text_field not in data.column_names:
-        raise KeyError(f"dataset {path} has no column {text_field!r}; columns: {data.column_names}")
+        raise SparsityConfigError(f"dataset {path} has no column {text_field!r}; columns: {data.column_names}")
     return [(f"{path}:{i}", text) for i, text in enumerate(data[text_field])]
 
 
@@ -97,9 +98,9 @@ def split_documents(
         pool name -> its documents.
     """
     if abs(sum(fractions.values()) - 1.0) > 1e-6 or any(f <= 0 for f in fractions.values()):
-        raise ValueError(f"pool fractions must be positive and sum to 1, got {fractions}")
+        raise SparsityConfigError(f"pool fractions must be positive and sum to 1, got {fractions}")
     if len(documents) < len(fractions):
-        raise ValueError(f"{len(documents)} documents cannot fill {len(fractions)} disjoint pools")
+        raise SparsityConfigError(f"{len(documents)} documents cannot fill {len(fractions)} disjoint pools")
     ordered = sorted(documents)
     random.Random(seed).shuffle(ordered)
     total = sum(len(text) for _, text in ordered)
@@ -127,7 +128,7 @@ def tokenize_pool(
         stream += tokenizer.encode(text + "\n\n")
     available = len(stream) // sequence_length
     if available == 0:
-        raise ValueError(f"a pool has {len(stream)} tokens, fewer than one sequence of {sequence_length}")
+        raise SparsityConfigError(f"a pool has {len(stream)} tokens, fewer than one sequence of {sequence_length}")
     ids = torch.tensor(stream[: available * sequence_length], dtype=torch.long).view(available, sequence_length)
     if max_sequences is not None and max_sequences < available:
         ids = ids[torch.linspace(0, available - 1, max_sequences).round().long()]
@@ -206,7 +207,7 @@ class WiSparseTextData(L.LightningDataModule):
         self.text_field = text_field
         self.fractions = fractions or {"calibration": 0.5, "fitness": 0.2, "evaluation": 0.3}
         if set(self.fractions) != set(POOLS):
-            raise ValueError(f"fractions must name exactly the pools {POOLS}, got {sorted(self.fractions)}")
+            raise SparsityConfigError(f"fractions must name exactly the pools {POOLS}, got {sorted(self.fractions)}")
         self.seed = seed
         self.sequence_length = sequence_length
         self.limits = {

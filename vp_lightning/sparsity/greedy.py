@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vp_lightning.sparsity.errors import SparsityConfigError
+
 _EPS = 1e-9
 
 
@@ -45,7 +47,7 @@ class GreedyTable:
         columns monotone.
         """
         if block_sparsity < -_EPS or block_sparsity > self.max_sparsity + _EPS:
-            raise ValueError(
+            raise SparsityConfigError(
                 f"block sparsity {block_sparsity:.4f} is outside the greedy table [0, {self.max_sparsity:.4f}]; "
                 "raise greedy_max_sparsity"
             )
@@ -94,7 +96,7 @@ def greedy_table(
         The table; it stops early when no projection can take another step.
     """
     if not 0 < step <= max_sparsity <= 1:
-        raise ValueError(f"need 0 < step <= max_sparsity <= 1, got step={step}, max_sparsity={max_sparsity}")
+        raise SparsityConfigError(f"need 0 < step <= max_sparsity <= 1, got step={step}, max_sparsity={max_sparsity}")
     total = float(sum(params))
     increments = [step * total / p for p in params]
     current = [0.0] * len(projections)

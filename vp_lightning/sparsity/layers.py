@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vp_lightning.sparsity.errors import SparsityConfigError
 from vp_lightning.sparsity.plan import SparsityPlan
 
 
@@ -112,7 +113,7 @@ def sparsify(model: nn.Module, plan: SparsityPlan) -> nn.Module:
         try:
             module = model.get_submodule(name)
         except AttributeError as error:
-            raise ValueError(
+            raise SparsityConfigError(
                 f"the plan names {name!r}, which this model does not have; was the plan calibrated for "
                 f"{plan.model!r}?"
             ) from error

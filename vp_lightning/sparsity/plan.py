@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vp_lightning.sparsity.errors import SparsityConfigError, SparsityInputMissingError
+
 PLAN_FORMAT = "vp-lightning/wisparse-plan"
 PLAN_VERSION = 1
 
@@ -137,12 +139,12 @@ def load_plan(path: str | Path) -> SparsityPlan:
 
     json_path, _ = _plan_paths(path)
     if not json_path.is_file():
-        raise FileNotFoundError(f"no sparsity plan at {json_path} (expected a file written by save_plan)")
+        raise SparsityInputMissingError(f"no sparsity plan at {json_path} (expected a file written by save_plan)")
     document = json.loads(json_path.read_text())
     if document.get("format") != PLAN_FORMAT:
-        raise ValueError(f"{json_path} is not a sparsity plan (format={document.get('format')!r})")
+        raise SparsityConfigError(f"{json_path} is not a sparsity plan (format={document.get('format')!r})")
     if document.get("version") != PLAN_VERSION:
-        raise ValueError(f"{json_path} has plan version {document.get('version')}, this code reads {PLAN_VERSION}")
+        raise SparsityConfigError(f"{json_path} has plan version {document.get('version')}, this code reads {PLAN_VERSION}")
     tensor_path = json_path.parent / document["thresholds_file"]
     thresholds = load_file(str(tensor_path))
     layers = {}

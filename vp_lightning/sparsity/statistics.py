@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vp_lightning.sparsity.errors import SparsityConfigError
 from vp_lightning.sparsity.loading import ProjectionSite
 from vp_lightning.sparsity.scores import (
     LogBins,
@@ -67,7 +68,7 @@ class ScoreStatistics:
         for i, a in enumerate(self.alphas):
             if abs(a - alpha) < 1e-9:
                 return i
-        raise ValueError(f"alpha={alpha} is not on the calibrated grid {self.alphas}")
+        raise SparsityConfigError(f"alpha={alpha} is not on the calibrated grid {self.alphas}")
 
     def update(self, name: str, x: Tensor) -> None:
         """Add the scores of activations ``x`` (..., d_in) entering projection ``name``."""
