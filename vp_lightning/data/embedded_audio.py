@@ -3,10 +3,11 @@
 ``root: embedded`` in an audio config selects it, so ``fit`` runs on a machine without LibriSpeech. Plain English
 sentences from the Python documentation shipped with CPython (``pydoc_data.topics``; 5-15 words, letters only)
 are spoken by espeak-ng voices with different accents, voice variants, speaking rates and pitches, each acting
-as one "speaker". The audio is resampled to 16 kHz and written as FLAC with LibriSpeech-style transcripts::
+as one "speaker". The audio is resampled to 16 kHz, given a faint noise floor (about -70 dBFS, in place of
+espeak-ng's exact digital silence) and written as FLAC with LibriSpeech-style transcripts::
 
-    <cache>/embedded-librispeech-v1/LibriSpeech/<subset>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac
-    <cache>/embedded-librispeech-v1/LibriSpeech/<subset>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt
+    <cache>/embedded-librispeech-v2/LibriSpeech/<subset>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac
+    <cache>/embedded-librispeech-v2/LibriSpeech/<subset>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt
 
 with subsets ``embedded-train`` (10 speakers, 100 utterances, about 7 minutes), ``embedded-dev`` and
 ``embedded-test`` (3 speakers and 12 utterances each, about 50 s). The three subsets share neither speakers nor
@@ -37,8 +38,12 @@ import torch
 from vp_lightning.data.embedded_images import default_cache_dir
 
 #: Bump when the recipe changes so old caches are not reused.
-EMBEDDED_VERSION = 1
+EMBEDDED_VERSION = 2
 SAMPLE_RATE = 16000
+#: Standard deviation of the background noise added to every utterance (about -70 dBFS). espeak-ng writes exact
+#: digital silence between words, which no microphone records; a faint noise floor keeps the embedded set closer
+#: to read speech and keeps log-spectral losses from chasing exact zeros.
+NOISE_FLOOR = 3e-4
 MANIFEST = "manifest.json"
 SUBSETS = ("embedded-train", "embedded-dev", "embedded-test")
 
@@ -164,6 +169,7 @@ def _recipe() -> dict:
     return {
         "version": EMBEDDED_VERSION,
         "sample_rate": SAMPLE_RATE,
+        "noise_floor": NOISE_FLOOR,
         "speakers": {subset: [asdict(s) for s in speakers] for subset, speakers in SPEAKERS.items()},
         "chapters": {subset: list(shape) for subset, shape in CHAPTERS.items()},
     }
@@ -235,7 +241,9 @@ def _write_subset(folder: Path, subset: str, sentences: list[str], espeak: str) 
             for u in range(utterances):
                 sentence = next(queue)
                 utt_id = f"{speaker.id}-{chapter}-{u:04d}"
-                sf.write(chapter_dir / f"{utt_id}.flac", speak(sentence, speaker, espeak=espeak), SAMPLE_RATE,
+                wave = speak(sentence, speaker, espeak=espeak)
+                noise = np.random.default_rng([speaker.id, chapter, u]).normal(0.0, NOISE_FLOOR, wave.shape)
+                sf.write(chapter_dir / f"{utt_id}.flac", np.clip(wave + noise, -1.0, 1.0), SAMPLE_RATE,
                          format="FLAC", subtype="PCM_16")
                 lines.append(f"{utt_id} {transcript_text(sentence)}\n")
             (chapter_dir / f"{speaker.id}-{chapter}.trans.txt").write_text("".join(lines))
