@@ -118,6 +118,10 @@ class VectorPerturbation(nn.Module):
     ``accepted_norm_weight`` (the bias-corrected running mean is their ratio).
     """
 
+    # Legitimately different on each DDP rank (each rank perturbs with its own recent latents); skipped by
+    # RankConsistencyCheck. The fitted codebook is not in this list: it must agree everywhere.
+    per_rank_state = ("queue", "queue_ptr", "accepted_norm_ema", "accepted_norm_weight")
+
     def __init__(
         self,
         dim: int,
