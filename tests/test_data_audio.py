@@ -313,3 +313,28 @@ def test_embedded_dataset_builds_once_deterministically_and_reads_like_librispee
     batch = next(iter(dm.train_dataloader()))
     assert batch["x"].shape == (2, 1, 16000) and batch["x"].std() > 0.01  # speech, not silence
     assert math.isclose(dm.bad_input_counts["skipped_files"], 0)
+
+
+def _shard_lengths(rank: int, root: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out}.pg", rank=rank, world_size=2)
+    try:
+        dm = module(root, val_subsets=["dev-clean"], eval_batch_size=2)
+        dm.setup("validate")
+        lengths = [int(n) for batch in dm.val_dataloader() for n in batch["mask"].sum((1, 2)).tolist()]
+        Path(f"{out}.{rank}").write_text(" ".join(map(str, lengths)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_validation_utterances_without_duplicates(tmp_path):
+    base = tmp_path / "LibriSpeech"
+    seconds = [0.1 + 0.05 * i for i in range(5)]  # 5 utterances on 2 ranks: a padded sampler would repeat one
+    for i, s in enumerate(seconds):
+        write_utt(base, "dev-clean", f"7-8-{i:04d}", tone(s))
+    torch.multiprocessing.spawn(_shard_lengths, args=(str(tmp_path), str(tmp_path / "lengths")), nprocs=2)
+    per_rank = [[int(n) for n in (tmp_path / f"lengths.{r}").read_text().split()] for r in range(2)]
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(round(s * SR) for s in seconds)
+    assert sorted(len(r) for r in per_rank) == [2, 3]
