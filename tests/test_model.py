@@ -96,7 +96,7 @@ def test_parameters_change_when_training(tmp_path):
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0)
     trainer.fit(model, datamodule=_Images())
-    changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
+    changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)]
     assert all(changed)  # the gradient reaches encoder, projections and decoder
 
 
