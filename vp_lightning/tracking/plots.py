@@ -44,7 +44,7 @@ def run_colors(runs: list[RunData]) -> dict[str, Any]:
         cmap = plt.get_cmap(COLORMAPS.get(name, "Greys")) if name in COLORMAPS else others
         group = sorted(group, key=lambda r: (r.quantizer.eta if r.quantizer.eta is not None else 0.0, r.label))
         shades = [0.75] if len(group) == 1 else np.linspace(0.45, 0.95, len(group))
-        for run, shade in zip(group, shades):
+        for run, shade in zip(group, shades, strict=True):
             colors[run.label] = cmap(float(shade))
     return colors
 
@@ -64,7 +64,7 @@ def legend_labels(runs: list[RunData]) -> dict[str, str]:
     """Legend text per run label: the description, plus the run's own label where descriptions repeat (seeds)."""
     texts = [describe(run) for run in runs]
     return {
-        run.label: text if texts.count(text) == 1 else f"{text} · {run.label}" for run, text in zip(runs, texts)
+        run.label: text if texts.count(text) == 1 else f"{text} · {run.label}" for run, text in zip(runs, texts, strict=True)
     }
 
 
@@ -88,7 +88,7 @@ def usage_over_training(runs: list[RunData], colors: dict[str, Any]) -> Figure:
     names = legend_labels(runs)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(2, 2, figsize=(11, 6.2), sharex=True)
-        for ax, key in zip(axes.flat, USAGE_KEYS):
+        for ax, key in zip(axes.flat, USAGE_KEYS, strict=True):
             for run in runs:
                 steps, values = run.series(key)
                 if steps:
@@ -109,7 +109,7 @@ def usage_over_training(runs: list[RunData], colors: dict[str, Any]) -> Figure:
 def final_usage_bars(runs: list[RunData], colors: dict[str, Any]) -> Figure:
     """Horizontal bars of the final CVU and perplexity per run (perplexity against the run's K)."""
     with plt.rc_context(STYLE):
-        height = max(2.4, 0.32 * len(runs) + 1.0)
+        height = max(1.8, 0.38 * len(runs) + 1.0)
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, height), sharey=True)
         y = np.arange(len(runs))
         names = legend_labels(runs)
@@ -118,7 +118,7 @@ def final_usage_bars(runs: list[RunData], colors: dict[str, Any]) -> Figure:
                                                                        "final perplexity (of K codes)")):
             values = [run.final(key) for run in runs]
             bars = ax.barh(y, [v or 0.0 for v in values], color=[colors[r.label] for r in runs], height=0.7)
-            for bar, value in zip(bars, values):
+            for bar, value in zip(bars, values, strict=True):
                 ax.annotate(format_number(value, 3), (bar.get_width(), bar.get_y() + bar.get_height() / 2),
                             xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
             ax.set_title(title, loc="left")

@@ -73,7 +73,7 @@ def new_id(length: int = 8) -> str:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc)  # noqa: UP017 (Python 3.10 has no datetime.UTC).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------------------------------------- sweep config
@@ -598,7 +598,7 @@ def print_table(folder: SweepFolder, metric_name: str | None) -> None:
                      format_duration(run.get("wall_time"))])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for line in [header, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
 
 
 # ---------------------------------------------------------------------------------------------- command line
