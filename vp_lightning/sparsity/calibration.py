@@ -261,6 +261,7 @@ class WiSparseCalibration(L.LightningModule):
                 "alpha": _digest(self._key("alpha")),
                 "step": self.greedy_step,
                 "max_sparsity": self.greedy_max_sparsity,
+                "error": "per-token squared error / squared dense output norm",
             }
         if stage == "evaluation":
             return {
@@ -274,12 +275,13 @@ class WiSparseCalibration(L.LightningModule):
             }
         raise KeyError(stage)
 
-    def _load_json(self, path: Path, stage: str) -> dict[str, Any] | None:
+    def _load_json(self, path: Path, stage: str, quiet: bool = False) -> dict[str, Any] | None:
         if not path.is_file():
             return None
         data = json.loads(path.read_text())
         if data.get("key") != self._key(stage):
-            rank_zero_info(f"[wisparse] {path} was made with other settings; recomputing stage {stage}")
+            if not quiet:
+                rank_zero_info(f"[wisparse] {path} was made with other settings; recomputing stage {stage}")
             return None
         return data
 
@@ -435,11 +437,14 @@ class WiSparseCalibration(L.LightningModule):
         mine: dict[int, dict[str, Any]] = {}
         todo = []
         for b in self._my_blocks():
-            saved = self._load_json(self._greedy_path(b), "greedy")
+            saved = self._load_json(self._greedy_path(b), "greedy", quiet=True)
             if saved is not None:
                 mine[b] = saved["table"]
             else:
                 todo.append(b)
+        if len(todo) < len(self._my_blocks()):
+            rank_zero_info(f"[wisparse] greedy tables of {len(self._my_blocks()) - len(todo)} blocks loaded from "
+                           f"{self.output_dir / 'greedy'}")
         if todo or self.world[1] > 1:
             with self._stage("greedy"):
                 levels = int(self.greedy_max_sparsity / self.greedy_step + 1e-9)
@@ -466,7 +471,10 @@ class WiSparseCalibration(L.LightningModule):
         block = self._blocks()[b]
         reference = self.reference()
         h_in, h_out = reference.block_input(b), reference.block_output(b)
-        update_energy = (h_out.float() - h_in.float()).square().sum().clamp_min(1e-30)
+        # The next block sees the residual stream through an RMSNorm, so an error matters relative to its token's
+        # residual norm. Summing raw squared errors instead would let the few tokens with massive activations
+        # (100x the median norm in SmolLM2) decide the whole table.
+        token_energy = h_out.float().square().sum(-1).clamp_min(1e-30)  # (r, n)
         set_sparsity_enabled(self.llm, False)
         set_sparsity_enabled(self.llm, True, set(names))
         cache: dict[tuple[str, float], Tensor] = {}
@@ -478,7 +486,7 @@ class WiSparseCalibration(L.LightningModule):
                     cache[key] = self.stats.threshold(name, rule(name, s), s)[1]
                 set_threshold(self.llm, name, cache[key])
             out = run_block(block, h_in, reference.block_kwargs)
-            return float((out.float() - h_out.float()).square().sum() / update_energy)
+            return float(((out.float() - h_out.float()).square().sum(-1) / token_energy).mean())
 
         table = greedy_table(
             evaluate,

@@ -27,7 +27,8 @@ class GreedyTable:
         step: block-sparsity increment between rows.
         projections: module names of the block's projections (columns).
         sparsities: row l holds the projection sparsities at block sparsity ``l * step``.
-        errors: block-output error of every row (relative to the dense block update).
+        errors: block-output error of every row (as returned by the ``evaluate`` callback; the calibration job
+            uses the mean over tokens of the squared error relative to the token's squared dense output norm).
     """
 
     step: float
