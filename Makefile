@@ -26,13 +26,17 @@ $(VENV)/.stamp-dev: pyproject.toml $(VENV)/.stamp-core
 install: $(VENV)/.stamp-core
 install-dev: $(VENV)/.stamp-dev system-deps
 
-# espeak-ng speaks the embedded mini-LibriSpeech; installed with apt-get when missing and possible.
+# espeak-ng speaks the embedded mini-LibriSpeech; chromium renders the HTML report in its test.
+# Installed with apt-get when missing and possible (root); otherwise the tests that need them say so and skip.
+SYSTEM_PACKAGES := espeak-ng chromium
 system-deps:
-	@if ! command -v espeak-ng >/dev/null 2>&1; then \
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null) \
-	      || echo "warning: could not install espeak-ng; audio tests that need it will be skipped"; \
-	  else echo "note: espeak-ng not found; install it with: sudo apt-get install espeak-ng"; fi; \
+	    echo "installing system packages:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+	      || echo "warning: could not install$$missing; the tests that need them will be skipped"; \
+	  else echo "note: missing$$missing; install with: sudo apt-get install$$missing"; fi; \
 	fi
 
 quickstart: install
