@@ -154,6 +154,9 @@ class CodebookFitting(L.Callback):
         if loader is None:
             trainer.fit_loop.setup_data()
             loader = trainer.train_dataloader
+        # Read the plain loader under any resumable wrapper: this extra pass must not move the training position
+        # that a checkpoint records.
+        loader = getattr(loader, "loader", loader)
         chunks: list[Tensor] = []
         count = 0
         was_training = pl_module.training

@@ -6,6 +6,7 @@ from vp_lightning.data.bad_input import (
     SkippingFileDataset,
     TooManyBadFilesError,
 )
+from vp_lightning.data.embedded_audio import EspeakNotFoundError, build_embedded_librispeech
 from vp_lightning.data.embedded_images import build_embedded_photos
 from vp_lightning.data.image import (
     DatasetLayoutError,
@@ -13,10 +14,14 @@ from vp_lightning.data.image import (
     ImageNetDataModule,
     UnpaddedDistributedSampler,
 )
+from vp_lightning.data.librispeech import LibriSpeechDataModule
 
 __all__ = [
     "BadInputTally",
     "DatasetLayoutError",
+    "EspeakNotFoundError",
+    "LibriSpeechDataModule",
+    "build_embedded_librispeech",
     "ImageFiles",
     "ImageNetDataModule",
     "SharedSkipFlags",
