@@ -280,9 +280,10 @@ class ExactResume(L.Callback):
         from lightning.pytorch.trainer.states import RunningStage
 
         owner = trainer.datamodule if trainer.datamodule is not None else pl_module
-        original = getattr(owner, "train_dataloader", None)
-        if original is None or getattr(original, "_vp_resumable", False):
+        current = getattr(owner, "train_dataloader", None)
+        if current is None:
             return
+        original = getattr(current, "_vp_original", current)  # a later fit with another trainer re-wraps
 
         def train_dataloader():
             loader = original()
@@ -294,7 +295,7 @@ class ExactResume(L.Callback):
             loop = trainer.fit_loop.epoch_loop
             return ResumableLoader(loader, batches_trained=lambda: loop.batch_progress.current.processed)
 
-        train_dataloader._vp_resumable = True
+        train_dataloader._vp_original = original
         # An instance attribute: the datamodule's class and its other instances are left untouched.
         owner.train_dataloader = train_dataloader
 

@@ -161,7 +161,10 @@ class TokenizerModule(L.LightningModule):
         rec = sum(self.loss_fn.weights[name] * value for name, value in terms.items())
         total = rec + out.loss
         train = stage == "train"
-        log_kw = dict(on_step=train, on_epoch=not train, sync_dist=not train, batch_size=x.shape[0])
+        # A float batch size: Lightning averages the per-rank sample counts of an epoch mean as an integer tensor,
+        # truncating them when shards are uneven (5 images on 2 ranks: 2.5 -> 2), which skews val/loss/* of a
+        # multi-process run; a float count keeps the mean exact.
+        log_kw = dict(on_step=train, on_epoch=not train, sync_dist=not train, batch_size=float(x.shape[0]))
         for name, value in terms.items():
             self.log(f"{stage}/loss/{name}", value, **log_kw)
         self.log(f"{stage}/loss/rec", rec, prog_bar=not train, **log_kw)
