@@ -140,7 +140,10 @@ def test_colors_group_quantizers_and_shade_eta(runs_root):
     assert sum(large[:3]) < sum(small[:3])  # larger eta = darker shade of the same hue
     assert np.argmax(large[:3]) == 2 and np.argmax(colors["vq/version_0"][:3]) == 0  # VP blue, VQ red
     titles = [a[0] for a in plots.parallel_axes(runs)]
-    assert titles == ["η", "quantize rate", "rec. loss", "PSNR", "SSIM", "CVU"]  # FSQ noise_rate 0: no axis
+    assert titles == ["η", "rec. loss", "PSNR", "SSIM", "CVU"]  # one quantize_rate, noise_rate 0: no axes
+    fsp2 = find_runs([make_run(runs_root.parent / "fsp2", {**FSP, "init_args": {**FSP["init_args"], "quantize_rate": 0.3}},
+                               cvu=0.5, psnr=20.0)])
+    assert [a[0] for a in plots.parallel_axes(runs + fsp2)][:2] == ["η", "quantize rate"]
 
 
 # ------------------------------------------------------------------------------------------------ HTML

@@ -1,6 +1,6 @@
 """Matplotlib panels comparing token utilization across runs (used by the HTML report).
 
-Colours: one hue per quantizer (VQ-VAE red, SimVQ purple, FSQ orange, FSP green, VP-VAE blue); runs of the same
+Colours: one hue per quantizer (VQ-VAE red, SimVQ orange, FSQ purple, FSP green, VP-VAE blue); runs of the same
 quantizer get shades of that hue ordered by eta (darker = larger), so a sweep over eta reads as a gradient.
 """
 
@@ -19,7 +19,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from vp_lightning.tracking.runs import USAGE_KEYS, RunData, format_number  # noqa: E402
 
-COLORMAPS = {"VQ-VAE": "Reds", "SimVQ": "Purples", "FSQ": "Oranges", "FSP": "Greens", "VP-VAE": "Blues"}
+COLORMAPS = {"VQ-VAE": "Reds", "SimVQ": "Oranges", "FSQ": "Purples", "FSP": "Greens", "VP-VAE": "Blues"}
 USAGE_TITLES = {
     "val/codebook/cvu": "CVU (perplexity / K)",
     "val/codebook/perplexity": "perplexity (effective codes)",
@@ -173,7 +173,8 @@ def parallel_axes(runs: list[RunData]) -> list[tuple[str, str, Any]]:
     if any(run.quantizer.eta is not None for run in runs):
         axes.append(("η", "param", lambda r: r.quantizer.eta))
     for key, title in (("quantize_rate", "quantize rate"), ("noise_rate", "noise rate")):
-        if any(run.quantizer.init_args.get(key) for run in runs):  # only when some run actually uses it
+        values = {run.quantizer.init_args.get(key) for run in runs} - {None}
+        if len(values) >= 2:  # an axis only for a setting the runs actually vary
             axes.append((title, "param", lambda r, k=key: r.quantizer.init_args.get(k)))
     axes.append(("rec. loss", "metric", lambda r: r.final("val/loss/rec")))
     for title, key in quality:
@@ -212,7 +213,7 @@ def parallel_coordinates(runs: list[RunData], colors: dict[str, Any]) -> Figure:
             ax.text(j + 0.03, 0.0, format_number(low, 3), ha="left", va="center", fontsize=8, color="0.3")
             if has_missing:
                 ax.text(j + 0.03, missing, "n/a", ha="left", va="center", fontsize=8, color="0.45", style="italic")
-        ax.set_xlim(-0.2, len(columns) - 0.6)
+        ax.set_xlim(-0.2, len(columns) - 0.45)  # room for the last axis' value labels
         ax.set_ylim(missing - 0.06, 1.15)
         ax.axis("off")
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)

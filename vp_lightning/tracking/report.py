@@ -53,15 +53,15 @@ body { margin:0; background:var(--bg); color:var(--fg);
 header { background:#18243a; color:#fff; padding:22px 32px 18px; }
 header h1 { margin:0 0 4px; font-size:22px; font-weight:650; letter-spacing:.2px; }
 header p { margin:0; color:#c5cedd; font-size:13px; }
-main { max-width:1240px; margin:0 auto; padding:20px 24px 40px; }
+main { max-width:1320px; margin:0 auto; padding:20px 24px 40px; }
 section { background:var(--card); border:1px solid var(--line); border-radius:10px; padding:16px 20px 14px;
           margin:0 0 18px; box-shadow:0 1px 2px rgba(20,30,50,.04); }
 section h2 { margin:0 0 2px; font-size:16px; font-weight:650; }
 section p.note { margin:0 0 10px; color:var(--muted); font-size:12.5px; }
 .figure svg { width:100%; height:auto; display:block; }
 .table-wrap { overflow-x:auto; }
-table { border-collapse:collapse; width:100%; font-size:12.5px; font-variant-numeric: tabular-nums; }
-th, td { padding:6px 7px; border-bottom:1px solid var(--line); text-align:right; white-space:nowrap; }
+table { border-collapse:collapse; width:100%; font-size:12px; font-variant-numeric: tabular-nums; }
+th, td { padding:5px 6px; border-bottom:1px solid var(--line); text-align:right; white-space:nowrap; }
 th { background:#f0f3f8; color:#364055; font-weight:600; position:sticky; top:0; }
 th:first-child, td:first-child, th.text, td.text { text-align:left; }
 tr:hover td { background:#f7f9fc; }
