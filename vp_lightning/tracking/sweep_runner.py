@@ -476,7 +476,7 @@ class SweepRunner:
         command = build_command(
             self.config.get("command"), parameters, program=self.config.get("program"), json_file=json_file
         )
-        position, subcommand, cli_args = vp_lightning_arguments(command)
+        _, subcommand, cli_args = vp_lightning_arguments(command)
         resolved = resolve_config(cli_args, subcommand)
         name = f"{index:02d} {short_name(parameters, varying_keys(self.config))}".strip()
         tags = ["sweep", f"sweep-{self.folder.sweep_id}"]
