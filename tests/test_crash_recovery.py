@@ -49,7 +49,10 @@ class NaNAtStep(L.Callback):
 
 
 def _env():
-    return {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore",
+    # WANDB_SERVICE (set by any earlier in-process wandb.init) would attach the subprocesses to this process's
+    # wandb-core, where a SIGKILLed run stays registered and its resumption is refused as "run ID in use"
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore",
             "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
 
 

@@ -6,8 +6,11 @@
    every projection's inputs (batches are sharded across ranks; histograms are summed with one all-reduce);
 2. ``select_alpha``: per (block, projection) and sparsity, the alpha with the least relative output error;
 3. ``build_greedy_tables``: the in-block greedy table of every block (blocks split across ranks);
-4. ``export_plans``: plans for every method and target sparsity, ``plan.json`` for the main one;
-5. ``evaluate``: perplexity, KL to dense and realised sparsity on the evaluation pool -> ``results.md/.csv/.json``.
+4. with ``search`` set, the across-block allocation search: one generation per further epoch (the
+   evolutionary search, then optionally a random-search baseline with the same number of fitness evaluations);
+   offspring are split across ranks, checkpoints hold the search state and ``--ckpt_path`` resumes it;
+5. ``export_plans``: plans for every method and target sparsity, ``plan.json`` for the main one;
+6. ``evaluate``: perplexity, KL to dense and realised sparsity on the evaluation pool -> ``results.md/.csv/.json``.
 
 Every stage writes its result to ``output_dir`` with a key describing its inputs; a rerun with the same
 settings loads finished stages instead of recomputing them (a changed setting recomputes that stage and the
@@ -34,6 +37,7 @@ from tqdm.auto import tqdm
 from vp_lightning.sparsity.allocation import (
     AlphaRule,
     BlockAllocation,
+    FixedAllocation,
     UniformAllocation,
     block_parameter_counts,
     build_plan,
@@ -51,6 +55,7 @@ from vp_lightning.sparsity.evaluation import (
     results_json,
     results_markdown,
 )
+from vp_lightning.sparsity.fitness import FitnessEvaluator
 from vp_lightning.sparsity.greedy import GreedyTable, greedy_table
 from vp_lightning.sparsity.layers import set_sparsity_enabled, set_threshold, sparsify
 from vp_lightning.sparsity.loading import (
@@ -64,6 +69,8 @@ from vp_lightning.sparsity.loading import (
 from vp_lightning.sparsity.plan import SparsityPlan, save_plan
 from vp_lightning.sparsity.reference import BlockReference, capture_block_io, run_block
 from vp_lightning.sparsity.scores import DEFAULT_ALPHA_GRID, LogBins
+from vp_lightning.sparsity.search import AllocationSearch, Genome, LevelBounds, SearchConfig, split_work
+from vp_lightning.sparsity.search import block_sparsities as genome_sparsities
 from vp_lightning.sparsity.statistics import ScoreStatistics
 
 DEFAULT_ALPHA_SPARSITIES = (0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
@@ -99,8 +106,11 @@ class WiSparseCalibration(L.LightningModule):
         threshold_correction_sequences: calibration sequences on which every plan's thresholds are corrected
             for the sparse model's own activations (0 = thresholds straight from the dense statistics).
         threshold_correction_iterations: fixed-point steps of that correction.
-        eval_batch_size: sequences per forward pass in the evaluation.
+        eval_batch_size: sequences per forward pass in the evaluation (and in the search's fitness).
         dense_prefix: leading positions of each evaluation sequence left dense.
+        search: settings of the across-block evolutionary search (None: no search, uniform allocation). The job
+            then runs ``1 + generations`` epochs (twice the generations with the random baseline) and steps a
+            no-op optimizer once per generation, so checkpoints are saved per generation.
     """
 
     def __init__(
@@ -126,11 +136,12 @@ class WiSparseCalibration(L.LightningModule):
         threshold_correction_iterations: int = 1,
         eval_batch_size: int = 2,
         dense_prefix: int = 0,
+        search: SearchConfig | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < target_sparsity < 1.0:
             raise SparsityConfigError(f"target_sparsity must lie in (0, 1), got {target_sparsity}")
-        self.save_hyperparameters(ignore=["allocation", "layout"])
+        self.save_hyperparameters(ignore=["allocation", "layout", "search"])
         self.model_source = model
         self.gguf_file = gguf_file
         self.dtype_name = dtype
@@ -173,6 +184,11 @@ class WiSparseCalibration(L.LightningModule):
         self._keys: dict[str, str] = {}
         self._timings: dict[str, float] = {}
         self._calibration_start = 0.0
+        self.search_config = search
+        self.searches: list[AllocationSearch] = []
+        self._search_state: list[dict[str, Any]] | None = None
+        self._evaluator: FitnessEvaluator | None = None
+        self._stage_sequences: list[int] = []
 
     # ----------------------------------------------------------------------------------------- setup
     def configure_model(self) -> None:
@@ -187,12 +203,30 @@ class WiSparseCalibration(L.LightningModule):
         rank_zero_info(f"[wisparse] {self.model_name}: {len(self.sites)} projections in "
                        f"{len(decoder_blocks(self.llm, self.layout))} blocks")
 
-    def configure_optimizers(self) -> None:
-        return None
+    def configure_optimizers(self) -> Any:
+        if self.search_config is None:
+            return None
+        # Stepped (with no gradient: a no-op) once per search generation, so the global step counts generations
+        # and ModelCheckpoint, which skips saving when the step has not moved, saves after each of them.
+        return torch.optim.SGD([self._ddp_placeholder], lr=0.0)
+
+    def setup(self, stage: str) -> None:
+        if self.search_config is not None and stage == "fit":
+            epochs = 1 + self.search_config.generations * (2 if self.search_config.random_baseline else 1)
+            if self.trainer.fit_loop.max_epochs != epochs:
+                rank_zero_info(f"[wisparse] max_epochs set to {epochs}: 1 calibration epoch + one per search generation")
+                self.trainer.fit_loop.max_epochs = epochs
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the model's weights are an input, not a result: checkpoints keep only the job's own state
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("llm.")}
+        if self.searches:
+            checkpoint["wisparse_search"] = [search.state_dict() for search in self.searches]
+        elif self._search_state is not None:
+            checkpoint["wisparse_search"] = self._search_state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._search_state = checkpoint.get("wisparse_search")
 
     # ------------------------------------------------------------------------------ distributed helpers
     @property
@@ -272,6 +306,7 @@ class WiSparseCalibration(L.LightningModule):
                 "allocation": self.allocation.describe(),
                 "threshold_correction": [self.threshold_correction_sequences, self.threshold_correction_iterations],
                 "dense_prefix": self.dense_prefix,
+                "search": {s.mode: list(s.parent) for s in self.searches},
             }
         raise KeyError(stage)
 
@@ -321,9 +356,16 @@ class WiSparseCalibration(L.LightningModule):
         self.llm.eval()  # Lightning puts the whole module in train mode; the LM only ever runs inference
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        if self.current_epoch >= 1:  # a search generation: one call of training_step, whatever the batch
+            return -1 if batch_idx >= 1 else None
         return -1 if self._stats_loaded else None
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        if self.current_epoch >= 1:
+            self.search_generation()
+            optimizer = self.optimizers()
+            optimizer.step()  # no gradient, no change: advances the global step (one per generation)
+            return None
         # batch: (b, n) calibration token ids; the hooks histogram every projection input
         assert self.llm is not None
         with torch.no_grad():
@@ -334,7 +376,7 @@ class WiSparseCalibration(L.LightningModule):
         return None
 
     def on_train_epoch_end(self) -> None:
-        if self._stats_loaded or self.stats is None:
+        if self.current_epoch != 0 or self._stats_loaded or self.stats is None:
             return
         if self._hooks is not None:
             self._hooks.close()
@@ -354,6 +396,10 @@ class WiSparseCalibration(L.LightningModule):
         with torch.no_grad():
             self.select_alpha()
             self.build_greedy_tables()
+            self.prepare_search()
+            unfinished = [s.mode for s in self.searches if not s.done]
+            if unfinished:
+                rank_zero_warn(f"the {', '.join(unfinished)} search stopped early; its best genome so far is evaluated")
             if self._load_results() is None:
                 self.evaluate(self.export_plans())
 
@@ -499,20 +545,205 @@ class WiSparseCalibration(L.LightningModule):
         set_sparsity_enabled(self.llm, False, set(names))
         return table
 
-    # -------------------------------------------------------------------------- stage 4: plans
+    # ------------------------------------------------------------------------- stage 4: search
+    SEARCH_METHODS = {"evolutionary": "wisparse-full", "random": "random-search"}
+
+    def _search_path(self, mode: str) -> Path:
+        return self.output_dir / f"search-{mode}-{self.target_sparsity:.2f}.json"
+
+    def prepare_search(self) -> list[AllocationSearch]:
+        """Alpha and greedy tables (loaded when saved), level bounds, racing stages; restores a checkpoint's state."""
+        config = self.search_config
+        if config is None or self.searches:
+            return self.searches
+        with torch.no_grad():
+            self.select_alpha()
+            self.build_greedy_tables()
+        counts = block_parameter_counts(self.sites)
+        if len(set(counts)) != 1:
+            raise SparsityConfigError(
+                "the allocation search keeps the average sparsity with sum(levels) = 0, which needs blocks of equal "
+                f"size; this model's blocks have {sorted(set(counts))} projection weights"
+            )
+        caps = [min(config.max_sparsity, self.tables[b].max_sparsity) for b in range(len(counts))]
+        bounds = LevelBounds.for_target(self.target_sparsity, config.step, caps)
+        pool = self._datamodule().pool("fitness")
+        predictions = pool.shape[1] - 1
+        stages = []
+        for tokens in config.stage_tokens:
+            sequences = -(-tokens // predictions)
+            sequences = -(-sequences // self.eval_batch_size) * self.eval_batch_size
+            stages.append(min(sequences, pool.shape[0]))
+        if len(set(stages)) != len(stages):
+            raise SparsityConfigError(
+                f"the fitness pool ({pool.shape[0]} sequences of {predictions} predictions) is too small for the "
+                f"racing stages' token budgets {config.stage_tokens}; raise data.fitness_sequences or lower "
+                "search.stage_tokens"
+            )
+        self._stage_sequences = stages
+        modes = ["evolutionary"] + (["random"] if config.random_baseline else [])
+        self.searches = [AllocationSearch(config, len(counts), bounds, stages, predictions, mode) for mode in modes]
+        if self._search_state is not None:
+            if len(self._search_state) != len(self.searches):
+                raise SparsityConfigError("the checkpoint's search was run with other settings (random_baseline); "
+                                          "start a new run instead of resuming it")
+            for search, state in zip(self.searches, self._search_state, strict=True):
+                search.load_state_dict(state)
+            rank_zero_info("[wisparse] search resumed: " + ", ".join(
+                f"{s.mode} at generation {s.generation}/{config.generations}" for s in self.searches))
+        rank_zero_info(f"[wisparse] search: {len(counts)} blocks, levels of {config.step} in "
+                       f"[{min(bounds.low)}, {max(bounds.high)}], racing on {stages} fitness sequences "
+                       f"({[s * predictions for s in stages]} tokens), {config.offspring} offspring, survivors "
+                       f"{config.survivors}")
+        return self.searches
+
+    def _thresholds_of(self, block: int, level: int) -> dict[str, Tensor]:
+        """Threshold vectors of block ``block``'s projections at a search level (as ``build_plan`` makes them)."""
+        assert self.stats is not None and self.search_config is not None
+        rule = self.alpha_rule()
+        sparsity = genome_sparsities((level,), self.target_sparsity, self.search_config.step)[0]
+        split = self.tables[block].at(sparsity)
+        return {
+            site.name: self.stats.threshold(site.name, rule(site.name, split[site.name]), split[site.name])[1]
+            for site in self._sites_of(block)
+        }
+
+    def _fitness_evaluator(self) -> FitnessEvaluator:
+        if self._evaluator is None:
+            assert self.llm is not None and self.search_config is not None
+            self._install_sparse_layers()
+            pool = self._datamodule().pool("fitness")[: max(self._stage_sequences)]
+            blocks = self._blocks()
+            try:
+                final_norm = self.llm.get_submodule(self.layout.final_norm)
+            except AttributeError as error:
+                raise SparsityConfigError(f"model has no module {self.layout.final_norm!r} (layout.final_norm)") from error
+            names = {b: [site.name for site in self._sites_of(b)] for b in range(len(blocks))}
+            start = time.perf_counter()
+            self._evaluator = FitnessEvaluator(self.llm, blocks, final_norm, self._thresholds_of, names,
+                                               pool.to(self.device), self.eval_batch_size, self.search_config.fitness)
+            rank_zero_info(f"[wisparse] fitness pool cached: dense log-probabilities of {pool.shape[0]} sequences "
+                           f"({time.perf_counter() - start:.1f}s)")
+        return self._evaluator
+
+    def search_generation(self) -> None:
+        """One generation of the current search (epoch 1.. of the job)."""
+        assert self.search_config is not None
+        searches = self.prepare_search()
+        config = self.search_config
+        search = searches[min((self.current_epoch - 1) // config.generations, len(searches) - 1)]
+        if search.done:
+            rank_zero_warn(f"the {search.mode} search already ran {config.generations} generations; nothing to do")
+            return
+        evaluator = self._fitness_evaluator()
+        rank, world = self.world
+        start = time.perf_counter()
+        with torch.no_grad():
+            if evaluator.parent != search.parent:
+                self._parent_sums = evaluator.set_parent(search.parent)
+            parent_sums = self._parent_sums
+            known: dict[Genome, list[float]] = {}
+
+            def score(genomes: Any, stage: int) -> list[float]:
+                count = self._stage_sequences[stage]
+
+                def work(mine: list[Genome]) -> list[list[float]]:
+                    out = []
+                    for genome in mine:
+                        sums = known.get(genome, [])
+                        if len(sums) < count:
+                            sums = sums + evaluator.score(genome, count, first_sequence=len(sums))
+                        out.append(sums)
+                    return out
+
+                results = split_work(list(genomes), rank, world, work, self._gather)
+                known.update(zip(genomes, results, strict=True))
+                return [evaluator.fitness_of_sums(sums, count) for sums in results]
+
+            record = search.step(
+                score, lambda _genome: [evaluator.fitness_of_sums(parent_sums, n) for n in self._stage_sequences]
+            )
+        record.seconds = time.perf_counter() - start
+        self._timings[f"search-{search.mode}"] = sum(r.seconds for r in search.history)
+        name = "KL" if config.fitness == "kl" else "NLL"
+        rank_zero_info(
+            f"[wisparse] {search.mode} search generation {search.generation}/{config.generations}: best {name} "
+            f"{record.best_fitness:.6g}{' (improved)' if record.improved else ''}; {record.evaluations} evaluations "
+            f"in {record.seconds:.1f}s ({record.evaluations / record.seconds:.2f}/s); caches skipped "
+            f"{evaluator.saving:.0%} of block forwards"
+        )
+        prefix = f"search/{search.mode}"
+        self._log_metrics({
+            f"{prefix}/best_fitness": record.best_fitness,
+            f"{prefix}/stage0_best": record.stage_best[0],
+            f"{prefix}/evaluations_per_s": record.evaluations / record.seconds,
+            f"{prefix}/tokens_per_s": record.tokens_scored / record.seconds,
+            f"{prefix}/cache_saving": evaluator.saving,
+            f"{prefix}/generation": float(search.generation),
+        })
+        if self._is_main():
+            self._write_search(search, evaluator)
+
+    def _search_summary(self, search: AllocationSearch) -> dict[str, Any]:
+        assert self.search_config is not None
+        sparsities = genome_sparsities(search.parent, self.target_sparsity, self.search_config.step)
+        return {
+            "mode": search.mode,
+            "method": self.SEARCH_METHODS[search.mode],
+            "target": self.target_sparsity,
+            "generations": search.generation,
+            "evaluations": search.evaluations,
+            "tokens_scored": search.tokens_scored,
+            "fitness": self.search_config.fitness,
+            "best_fitness": search.parent_fitness[-1] if search.parent_fitness else None,
+            "initial_fitness": search.history[0].parent_fitness_before if search.history else None,
+            "genome": list(search.parent),
+            "block_sparsities": sparsities,
+            "seconds": sum(r.seconds for r in search.history),
+            "stage_sequences": self._stage_sequences,
+        }
+
+    def _write_search(self, search: AllocationSearch, evaluator: FitnessEvaluator) -> None:
+        """``search-<mode>-<target>.json`` (state and history); the plots once the search is done."""
+        path = self._search_path(search.mode)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        document = {**self._search_summary(search), "cache_saving": evaluator.saving, "state": search.state_dict()}
+        path.write_text(json.dumps(document, indent=1) + "\n")
+        if search.done:
+            from vp_lightning.sparsity.search_plots import plot_search
+
+            images = plot_search(self.searches, self.target_sparsity, self.search_config.step,
+                                 self.output_dir, self.search_config.fitness)
+            for logger in self.loggers:
+                if hasattr(logger, "log_image"):
+                    for key, image in images.items():
+                        logger.log_image(key=f"search/{key}", images=[str(image)])
+
+    # -------------------------------------------------------------------------- stage 5: plans
     def make_plan(self, method: str, target: float) -> SparsityPlan | None:
         """Plan of one method at one target sparsity (None when the greedy tables do not reach it).
 
         Methods: ``teal`` (alpha 0, uniform), ``alpha1`` (alpha 1, uniform), ``wisparse-alpha`` (chosen alpha,
-        uniform), ``wisparse-alpha-greedy`` (chosen alpha, in-block greedy).
+        uniform), ``wisparse-alpha-greedy`` (chosen alpha, in-block greedy); after a search, at the target
+        sparsity, ``wisparse-full`` (chosen alpha, in-block greedy, evolutionary block allocation) and
+        ``random-search`` (the same with the random-search allocation).
         """
         assert self.stats is not None
-        block_sparsities = self.allocation.block_sparsities(target, block_parameter_counts(self.sites))
+        allocation = self.allocation
+        searched = {self.SEARCH_METHODS[s.mode]: s for s in self.searches}
+        if method in searched:
+            assert self.search_config is not None
+            allocation = FixedAllocation(genome_sparsities(searched[method].parent, target, self.search_config.step))
+        block_sparsities = allocation.block_sparsities(target, block_parameter_counts(self.sites))
         rules: dict[str, tuple[AlphaRule, bool, str]] = {
             "teal": (fixed_alpha(0.0), False, "alpha=0 (magnitude only), every projection at the block sparsity"),
             "alpha1": (fixed_alpha(1.0), False, "alpha=1 (|x|*||W_j||), every projection at the block sparsity"),
             "wisparse-alpha": (self.alpha_rule(), False, "alpha per projection, every projection at the block sparsity"),
             "wisparse-alpha-greedy": (self.alpha_rule(), True, "alpha per projection, in-block greedy split"),
+            "wisparse-full": (self.alpha_rule(), True, "alpha per projection, in-block greedy, evolutionary block "
+                              "allocation"),
+            "random-search": (self.alpha_rule(), True, "alpha per projection, in-block greedy, random-search block "
+                              "allocation (same fitness evaluations)"),
         }
         rule, greedy, description = rules[method]
         if greedy and any(block_sparsities[b] > self.tables[b].max_sparsity + 1e-9 for b in self.tables):
@@ -529,7 +760,7 @@ class WiSparseCalibration(L.LightningModule):
             metadata={
                 "method": method,
                 "description": description,
-                "allocation": self.allocation.name,
+                "allocation": allocation.name if method not in searched else searched[method].mode,
                 "block_sparsities": block_sparsities,
                 "calibration_tokens": self.stats.tokens(),
             },
@@ -556,16 +787,19 @@ class WiSparseCalibration(L.LightningModule):
         with self._stage("plans"):
             plans = {}
             for target in self.eval_sparsities:
-                for method in self.METHODS:
+                methods = list(self.METHODS)
+                if target == self.target_sparsity:
+                    methods += [self.SEARCH_METHODS[s.mode] for s in self.searches]
+                for method in methods:
                     plan = self.make_plan(method, target)
                     if plan is not None:
                         plans[(method, target)] = plan
             if self._is_main():
                 for (method, target), plan in plans.items():
                     save_plan(plan, self.output_dir / "plans" / f"{method}-{target:.2f}.json")
-                main = plans.get(("wisparse-alpha-greedy", self.target_sparsity)) or plans[
-                    ("wisparse-alpha", self.target_sparsity)
-                ]
+                main = (plans.get(("wisparse-full", self.target_sparsity))
+                        or plans.get(("wisparse-alpha-greedy", self.target_sparsity))
+                        or plans[("wisparse-alpha", self.target_sparsity)])
                 save_plan(main, self.output_dir / "plan.json")
                 rank_zero_info(f"[wisparse] plans written to {self.output_dir / 'plans'}; main plan "
                                f"{self.output_dir / 'plan.json'} ({main.metadata['method']} at {self.target_sparsity})")
@@ -613,6 +847,7 @@ class WiSparseCalibration(L.LightningModule):
             document = json.loads(results_json(results, header))
             document["key"] = self._key("evaluation")
             document["timings_s"] = self._timings
+            document["search"] = [self._search_summary(s) for s in self.searches]
             document["alpha_at_target"] = {s.name: self.alpha_rule()(s.name, self.target_sparsity) for s in self.sites}
             main = plans.get(("wisparse-alpha-greedy", self.target_sparsity))
             if main is not None:
@@ -639,6 +874,16 @@ class WiSparseCalibration(L.LightningModule):
                 logger.log_table(key="wisparse/results", columns=columns, data=rows)
                 logger.log_table(key="wisparse/alpha", columns=["block", "projection", "alpha"], data=alpha_rows)
 
+    def _allocation_label(self) -> str:
+        if not self.searches or self.search_config is None:
+            return self.allocation.name
+        parts = []
+        for s in self.searches:
+            parts.append(f"{s.mode} search at {self.target_sparsity} ({s.generation} generations, {s.evaluations} "
+                         f"fitness evaluations, {self.search_config.fitness} on {self._stage_sequences} fitness "
+                         f"sequences, {sum(r.seconds for r in s.history):.0f}s)")
+        return f"{self.allocation.name} for the fixed methods; " + "; ".join(parts)
+
     def _results_header(self, sequences: Tensor) -> str:
         assert self.stats is not None and self.alpha_selection is not None
         lines = [
@@ -646,7 +891,7 @@ class WiSparseCalibration(L.LightningModule):
             "",
             convention(sequences.shape[0], sequences.shape[1], self.dense_prefix),
             f"Calibration: {self.stats.tokens()} tokens; alpha grid {self.alpha_grid}; block allocation "
-            f"{self.allocation.name}; greedy step {self.greedy_step} up to {self.greedy_max_sparsity}; thresholds "
+            f"{self._allocation_label()}; greedy step {self.greedy_step} up to {self.greedy_max_sparsity}; thresholds "
             + (f"corrected on {self.threshold_correction_sequences} calibration sequences of the sparse model "
                f"({self.threshold_correction_iterations} step)." if self.threshold_correction_sequences > 0
                else "straight from the dense calibration statistics."),

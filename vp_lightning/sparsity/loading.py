@@ -201,6 +201,8 @@ class ProjectionLayout:
     Args:
         blocks: dotted path of the ``nn.ModuleList`` of decoder blocks.
         projections: dotted names, relative to a block, of the ``nn.Linear`` layers to sparsify.
+        final_norm: dotted path of the norm between the last block and the LM head (used by the allocation
+            search, which replays the model from a block onwards).
     """
 
     blocks: str = "model.layers"
@@ -213,6 +215,7 @@ class ProjectionLayout:
         "mlp.up_proj",
         "mlp.down_proj",
     )
+    final_norm: str = "model.norm"
 
 
 LLAMA_LAYOUT = ProjectionLayout()

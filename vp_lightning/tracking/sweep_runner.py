@@ -494,6 +494,8 @@ class SweepRunner:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
+        # each run starts its own wandb-core: a run killed by the runner must not stay registered in a shared service
+        env.pop("WANDB_SERVICE", None)
         env.update(
             WANDB_MODE=self.wandb_mode, WANDB_RUN_GROUP=self.folder.group,
             WANDB_TAGS=f"sweep,sweep-{self.folder.sweep_id}", WANDB_ERROR_REPORTING="false",
