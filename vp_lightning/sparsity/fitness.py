@@ -78,7 +78,6 @@ class FitnessEvaluator:
         self.sequence_tokens = sequences.shape[1] - 1  # next-token predictions per sequence
         self.blocks_run = 0
         self.blocks_full = 0
-        self._applied: list[int | None] = [None] * len(blocks)
         self._parent: Genome | None = None
         self._parent_hidden: list[list[Tensor]] = []  # per batch, per block: hidden state entering the block
         self._prepare(sequences)
@@ -96,14 +95,12 @@ class FitnessEvaluator:
         set_sparsity_enabled(self.model, True, {n for names in self.names_of_block.values() for n in names})
 
     def _apply(self, genome: Genome) -> None:
-        """Set the thresholds of the blocks whose level differs from what is installed."""
+        """Set every block's thresholds for ``genome`` (small copies; nothing else may have to be trusted)."""
         for b, level in enumerate(genome):
-            if self._applied[b] != level:
-                if (b, level) not in self._threshold_cache:
-                    self._threshold_cache[(b, level)] = self._thresholds_of(b, level)
-                for name, threshold in self._threshold_cache[(b, level)].items():
-                    set_threshold(self.model, name, threshold)
-                self._applied[b] = level
+            if (b, level) not in self._threshold_cache:
+                self._threshold_cache[(b, level)] = self._thresholds_of(b, level)
+            for name, threshold in self._threshold_cache[(b, level)].items():
+                set_threshold(self.model, name, threshold)
 
     def _batch_range(self, sequences: int) -> range:
         if sequences % self.batch_size and sequences != self.num_sequences:
@@ -122,7 +119,6 @@ class FitnessEvaluator:
     def set_parent(self, genome: Genome) -> list[float]:
         """Install ``genome`` as the parent: cache its block inputs; returns its per-sequence fitness sums."""
         set_sparsity_enabled(self.model, True, {n for names in self.names_of_block.values() for n in names})
-        self._applied = [None] * len(self.blocks)  # thresholds may have been changed by someone else since
         self._apply(genome)
         self._parent = genome
         self._parent_hidden = []

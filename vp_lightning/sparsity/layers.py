@@ -8,13 +8,14 @@ sparsity on any text can be measured.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vp_lightning.sparsity.errors import SparsityConfigError
+from vp_lightning.sparsity.kernels import sparse_decode_linear
 from vp_lightning.sparsity.plan import SparsityPlan
 
 
@@ -31,6 +32,17 @@ class SparseLinear(nn.Module):
         track_sparsity: when True, ``dropped`` / ``seen`` count dropped and total input channels.
         dense_prefix: number of leading positions (second-to-last axis of the input) left dense; only
             meaningful for full-sequence forwards, not for cached one-token decoding.
+        fast_decode: when True (default), a one-token input (one row of d_in features) that needs no gradient,
+            no counting and no dense prefix takes :func:`~vp_lightning.sparsity.kernels.sparse_decode_linear`,
+            which reads only the kept columns of the weight; False forces the reference path. Both give the same
+            output up to floating-point summation order.
+
+    Memory: the fast path reads the transposed weight ``W^T`` (d_in, d_out). Unless the weight parameter is
+    stored transposed (:meth:`store_weight_transposed`, no extra memory), a contiguous copy of ``W^T`` is made
+    on the first one-token forward and kept as a plain attribute (never in the state dict): one extra copy of
+    the weight per layer. It is rebuilt when the weight changes (another tensor, dtype or device, or an in-place
+    update visible to autograd's version counter); after writes through ``weight.data`` call
+    :meth:`clear_weight_cache`.
     """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, threshold: Tensor) -> None:
@@ -49,6 +61,9 @@ class SparseLinear(nn.Module):
         self.enabled = True
         self.track_sparsity = False
         self.dense_prefix = 0
+        self.fast_decode = True
+        self._weight_t: Tensor | None = None
+        self._weight_t_key: tuple | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: Tensor) -> SparseLinear:
@@ -62,10 +77,61 @@ class SparseLinear(nn.Module):
             keep[..., : self.dense_prefix, :] = True
         return keep
 
+    def weight_t(self) -> Tensor:
+        """The contiguous (d_in, d_out) transposed weight read by the fast path (a view or a cached copy)."""
+        weight = self.weight
+        version = -1 if weight.is_inference() else weight._version  # inference tensors have no version counter
+        key = (weight.data_ptr(), version, weight.dtype, weight.device, weight.shape)
+        if self._weight_t is not None and self._weight_t_key == key:
+            return self._weight_t
+        self._weight_t = None  # free a stale copy before building the new one
+        transposed = weight.detach().t()
+        self._weight_t = transposed if transposed.is_contiguous() else transposed.contiguous()
+        self._weight_t_key = key
+        return self._weight_t
+
+    def clear_weight_cache(self) -> None:
+        """Drop the cached transposed weight (it is rebuilt on the next one-token forward)."""
+        self._weight_t = None
+        self._weight_t_key = None
+
+    def store_weight_transposed(self) -> None:
+        """Re-lay the weight parameter in place as the transposed view of a contiguous (d_in, d_out) tensor.
+
+        The parameter object (shared with the replaced ``nn.Linear``), its shape and values stay the same; only
+        its strides change, so the fast path reads ``W^T`` without a second copy and the cache is dropped.
+        Dense products accept the transposed layout, but code that needs a contiguous weight (e.g. writing it
+        with safetensors) must call ``.contiguous()`` on it.
+        """
+        with torch.no_grad():
+            self.weight.data = self.weight.detach().t().contiguous().t()
+        self.clear_weight_cache()
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SparseLinear:
+        # .to(), .cuda(), .half(), ...: the cached copy would keep the old dtype/device
+        self.clear_weight_cache()
+        return super()._apply(fn, recurse)
+
+    def _use_fast_path(self, x: Tensor, weight: Tensor) -> bool:
+        """One token, same dtype/device as the weight, no counting, no dense prefix, no gradient needed."""
+        if not self.fast_decode or self.track_sparsity or x.numel() != self.in_features:
+            return False
+        if x.shape[-1] != self.in_features or (self.dense_prefix > 0 and x.dim() >= 2):
+            return False
+        if x.dtype != weight.dtype or x.device != weight.device:
+            return False
+        if torch.is_grad_enabled():
+            bias = self.bias
+            return not (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+        return True
+
     def forward(self, x: Tensor) -> Tensor:
         # x: (..., d_in) -> (..., d_out)
         if not self.enabled:
             return F.linear(x, self.weight, self.bias)
+        weight = self.weight
+        if self._use_fast_path(x, weight):
+            return sparse_decode_linear(x, self.threshold, self.weight_t(), self.bias, weight)
         keep = self.keep_mask(x)
         if self.track_sparsity:
             counted = keep
