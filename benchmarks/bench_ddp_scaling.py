@@ -61,7 +61,7 @@ def step_times(quantizer: str, devices: int, args: argparse.Namespace, folder: P
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     starts = json.loads(out.read_text())
-    return [b - a for a, b in zip(starts, starts[1:])][args.warmup:]
+    return [b - a for a, b in zip(starts, starts[1:], strict=False)][args.warmup:]
 
 
 def main(argv: list[str] | None = None) -> None:
