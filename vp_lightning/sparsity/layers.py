@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vp_lightning.sparsity.errors import SparsityConfigError
-from vp_lightning.sparsity.kernels import sparse_decode_linear
+from vp_lightning.sparsity.kernels import DensityGate, sparse_decode_linear
 from vp_lightning.sparsity.plan import SparsityPlan
 
 
@@ -64,6 +64,7 @@ class SparseLinear(nn.Module):
         self.fast_decode = True
         self._weight_t: Tensor | None = None
         self._weight_t_key: tuple | None = None
+        self._gate = DensityGate()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: Tensor) -> SparseLinear:
@@ -131,7 +132,7 @@ class SparseLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         weight = self.weight
         if self._use_fast_path(x, weight):
-            return sparse_decode_linear(x, self.threshold, self.weight_t(), self.bias, weight)
+            return sparse_decode_linear(x, self.threshold, self.weight_t(), self.bias, weight, self._gate)
         keep = self.keep_mask(x)
         if self.track_sparsity:
             counted = keep
