@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from kill_helpers import run_until_marker_then_sigkill
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "conf" / "quickstart" / "image-fsq.yaml"
@@ -79,21 +80,10 @@ def test_sigkill_mid_epoch_then_resume_last_continues_the_same_run(tmp_path):
     crashed.mkdir(), straight.mkdir()
     marker = tmp_path / "held"
     hold = f'{{"class_path": "test_crash_recovery.HoldAtStep", "init_args": {{"step": 6, "marker": "{marker}"}}}}'
-    proc = subprocess.Popen([sys.executable, "-m", "vp_lightning", "fit", "--config", str(QUICKSTART), *FAST,
-                             f"--trainer.callbacks+={hold}"], cwd=crashed, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while not marker.exists():
-            assert proc.poll() is None, "training ended before reaching the step where it is killed"
-            assert time.time() < deadline, "training did not reach step 6 in time"
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    command = [sys.executable, "-m", "vp_lightning", "fit", "--config", str(QUICKSTART), *FAST,
+               f"--trainer.callbacks+={hold}"]
+    returncode = run_until_marker_then_sigkill(command, crashed, _env(), marker)
+    assert returncode == -signal.SIGKILL
     ckpt = crashed / RUN / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == 4  # the checkpoint after the validation of step 4
 

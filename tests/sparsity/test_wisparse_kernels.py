@@ -19,14 +19,6 @@ from vp_lightning.sparsity.scores import LogBins
 from vp_lightning.sparsity.statistics import ScoreStatistics, collect_statistics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _layer(d_in: int, d_out: int, bias: bool, dtype: torch.dtype, seed: int = 0) -> SparseLinear:
     gen = torch.Generator().manual_seed(seed)
     linear = nn.Linear(d_in, d_out, bias=bias)

@@ -15,15 +15,6 @@ from vp_lightning.sparsity.scores import LogBins
 from vp_lightning.sparsity.statistics import ScoreStatistics, collect_statistics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: on a busy machine, thread synchronisation costs far more than the arithmetic
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_sparse_linear_hand_example():
     linear = nn.Linear(3, 2, bias=True)
     with torch.no_grad():

@@ -20,15 +20,6 @@ from vp_lightning.sparsity.statistics import ScoreStatistics, collect_statistics
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: on a busy machine, thread synchronisation costs far more than the arithmetic
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _module(output_dir: Path) -> WiSparseCalibration:
     return WiSparseCalibration(
         random_config=TINY_LLAMA_CONFIG,

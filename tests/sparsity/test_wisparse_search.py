@@ -14,6 +14,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from kill_helpers import run_until_marker_then_sigkill
 
 from vp_lightning.sparsity import FixedAllocation, WiSparseCalibration, WiSparseTextData
 from vp_lightning.sparsity.errors import SparsityConfigError
@@ -32,14 +33,6 @@ from vp_lightning.sparsity.search import (
 
 REPO = Path(__file__).resolve().parents[2]
 SIX_BLOCKS = {"num_hidden_layers": 6, "initializer_range": 0.3}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------ genomes
@@ -314,7 +307,8 @@ class HoldAtGeneration(L.Callback):
 def _env():
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     return {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore",
-            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])}
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1]),
+                                            env.get("PYTHONPATH", "")])}
 
 
 FAST = ["--trainer.enable_progress_bar=false", "--model.init_args.search.generations=4",
@@ -331,20 +325,9 @@ def test_a_search_killed_with_sigkill_resumes_with_ckpt_path_last_to_the_same_re
     hold = (f'{{"class_path": "test_wisparse_search.HoldAtGeneration", '
             f'"init_args": {{"generation": 6, "marker": "{marker}"}}}}')
     command = [sys.executable, "-m", "vp_lightning", "fit", "--config", config, *FAST]
-    proc = subprocess.Popen([*command, f"--trainer.callbacks+={hold}"], cwd=crashed, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 400
-        while not marker.exists():
-            assert proc.poll() is None, "the search ended before the generation where it is killed"
-            assert time.time() < deadline, "the search did not reach generation 6 in time"
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    returncode = run_until_marker_then_sigkill([*command, f"--trainer.callbacks+={hold}"], crashed, _env(), marker,
+                                               timeout=400)
+    assert returncode == -signal.SIGKILL
     last = crashed / "runs" / "wisparse" / "tiny-search" / "version_0" / "checkpoints" / "last.ckpt"
     state = torch.load(last, weights_only=False)["wisparse_search"]
     # killed in the random search's second generation, before its checkpoint: the last one has 4 + 1 generations
