@@ -412,7 +412,7 @@ def test_unpadded_sampler_example():
 
 
 def test_dataloaders_shard_when_distributed(tmp_path, monkeypatch):
-    import vp_lightning.data.image as image_module
+    import vp_lightning.data.splits as splits_module
 
     _imagenet_tree(tmp_path, n_train=(4, 4), n_val=(3, 2))
     dm = _dm(tmp_path, seed=7)
@@ -420,7 +420,7 @@ def test_dataloaders_shard_when_distributed(tmp_path, monkeypatch):
     assert (
         dm.train_dataloader().sampler.__class__.__name__ == "RandomSampler"
     )  # no process group: plain loaders
-    monkeypatch.setattr(image_module, "distributed_world", lambda: (2, 1))
+    monkeypatch.setattr(splits_module, "distributed_world", lambda: (2, 1))
     train = dm.train_dataloader()
     assert type(train.sampler) is DistributedSampler  # explicit, so sharding does not depend on the Trainer
     assert (train.sampler.num_replicas, train.sampler.rank, train.sampler.shuffle, train.sampler.seed) == (

@@ -8,23 +8,27 @@ into the same layout (see :mod:`vp_lightning.data.embedded_images`), so the read
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from PIL import Image, ImageOps
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from vp_lightning.data.bad_input import BadInputTally, SkippingFileDataset, merge_counts, skip_reason
+from vp_lightning.data.bad_input import BadInputTally, SkippingFileDataset, skip_reason
 from vp_lightning.data.embedded_images import build_embedded_photos, embedded_photos_dir
+from vp_lightning.data.splits import (  # noqa: F401  (re-exported: long-standing import location)
+    DatasetLayoutError,
+    Split,
+    SplitDataModule,
+    UnpaddedDistributedSampler,
+    distributed_world,
+)
 
 #: Extensions (compared lower-case) that count as images when walking a folder.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -41,11 +45,6 @@ EXPECTED_LAYOUT = (
 )
 
 ScanMode = Literal["header", "full", "off"]
-Split = Literal["train", "val", "test"]
-
-
-class DatasetLayoutError(ValueError):
-    """The dataset root or a split is missing, laid out wrongly, or empty."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,42 +318,11 @@ class ImageFiles(SkippingFileDataset):
         return self.transform(load_rgb(self.path(index), self.min_side))
 
 
-class UnpaddedDistributedSampler(DistributedSampler):
-    """Shard a dataset over ranks without padding: rank r gets indices r, r + world_size, r + 2 * world_size, ...
-
-    torch's :class:`~torch.utils.data.DistributedSampler` pads the index list by repeating samples until it divides
-    by the world size, so an evaluation that sums per-image statistics (token counts, code usage) would count the
-    repeated images twice. Here every index appears on exactly one rank; ranks may get one sample fewer than
-    others. Being a ``DistributedSampler`` subclass, Lightning keeps it instead of inserting its own.
-
-    Args:
-        dataset: Any sized dataset.
-        num_replicas: World size (default: from ``torch.distributed``).
-        rank: This rank (default: from ``torch.distributed``).
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, len(self.dataset), self.num_replicas))
-
-
-def distributed_world() -> tuple[int, int]:
-    """``(world_size, rank)`` of the initialised process group, ``(1, 0)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # DataModule
 
 
-class ImageNetDataModule(L.LightningDataModule):
+class ImageNetDataModule(SplitDataModule):
     """ImageNet (or any folder of photos) as square crops in [-1, 1]; batches are tensors (b, 3, h, w).
 
     Splits are read from ``root/train_split`` etc. Each may be a folder (ImageNet's ``train/<wnid>/*.JPEG``
@@ -432,64 +400,9 @@ class ImageNetDataModule(L.LightningDataModule):
         self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
         self.splits: dict[Split, str] = {"train": train_split, "val": val_split, "test": test_split}
         self.max_bad_fraction, self.scan, self.cache_dir, self.seed = max_bad_fraction, scan, cache_dir, seed
+        self.eval_batch_size = batch_size
         self._datasets: dict[tuple[str, bool], ImageFiles] = {}
-
-    @property
-    def embedded(self) -> bool:
-        return self.root is None or self.root == "embedded"
-
-    def prepare_data(self) -> None:
-        """Build the embedded photo set once (on one process per node)."""
-        if self.embedded:
-            self._embedded_root()
-
-    def setup(self, stage: str | None = None) -> None:
-        """Find, scan and index the splits that ``stage`` needs (all of them for ``None``)."""
-        needed: dict[str | None, tuple[Split, ...]] = {
-            "fit": ("train", "val"),
-            "validate": ("val",),
-            "test": ("test",),
-            "predict": ("test",),
-            None: ("train", "val", "test"),
-        }
-        root = self._root()
-        for split in needed[stage]:
-            key = self._key(split)
-            if key not in self._datasets:
-                self._datasets[key] = self._build(root, split)
-
-    def train_dataloader(self) -> DataLoader:
-        dataset = self._dataset("train")
-        world, rank = distributed_world()
-        sampler = (
-            DistributedSampler(dataset, world, rank, shuffle=True, seed=self.seed, drop_last=True)
-            if world > 1
-            else None
-        )
-        if len(dataset) // world < self.batch_size:
-            raise DatasetLayoutError(
-                f"The train split has {len(dataset)} usable images, fewer than batch_size={self.batch_size} per "
-                f"process on {world} process(es); with drop_last every epoch would be empty. Lower batch_size."
-            )
-        return self._loader(dataset, sampler, shuffle=sampler is None, drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    @property
-    def bad_input_counts(self) -> dict[str, int]:
-        """Skipped/converted counts summed over the splits set up so far (keys as in
-        :meth:`BadInputTally.counts`, e.g. ``skipped_files``, ``skipped/truncated``, ``converted/cmyk``,
-        ``upscaled``). Failures found while loading are included from every worker of this process."""
-        return merge_counts(ds.bad_input_counts() for ds in self._datasets.values())
-
-    # ------------------------------------------------------------------------------------------------------------
+        self._resolved_root: Path | None = None
 
     def _embedded_root(self) -> Path:
         target = embedded_photos_dir(self.cache_dir, self.seed)
@@ -498,6 +411,11 @@ class ImageNetDataModule(L.LightningDataModule):
         return build_embedded_photos(self.cache_dir, self.seed)
 
     def _root(self) -> Path:
+        if self._resolved_root is None:
+            self._resolved_root = self._find_root()
+        return self._resolved_root
+
+    def _find_root(self) -> Path:
         if self.embedded:
             root = self._embedded_root()
             rank_zero_info(f"Using the embedded photo dataset at {root}")
@@ -513,8 +431,11 @@ class ImageNetDataModule(L.LightningDataModule):
         # val and test usually name the same folder: index and scan it once.
         return self.splits[split], split == "train"
 
-    def _build(self, root: Path, split: Split) -> ImageFiles:
-        files = resolve_split(root, self.splits[split], split)
+    def _describe(self, split: Split, count: int) -> str:
+        return f"The {split} split has {count} usable images"
+
+    def _build(self, split: Split) -> ImageFiles:
+        files = resolve_split(self._root(), self.splits[split], split)
         kept, tally = scan_images(files, self.resolution, self.scan, name=f"{split} images")
         (rank_zero_warn if tally.num_skipped else rank_zero_info)(tally.summary())
         tally.check(self.max_bad_fraction)
@@ -522,32 +443,3 @@ class ImageNetDataModule(L.LightningDataModule):
             raise DatasetLayoutError(f"The {split} split ({self.splits[split]}) has no readable images.")
         transform = image_transform(self.resolution, train=split == "train", random_flip=self.random_flip)
         return ImageFiles(kept, transform, tally, self.max_bad_fraction, min_side=self.resolution)
-
-    def _dataset(self, split: Split) -> ImageFiles:
-        key = self._key(split)
-        if key not in self._datasets:
-            stage = {"train": "fit", "val": "validate", "test": "test"}[split]
-            raise RuntimeError(f"Call setup({stage!r}) before requesting the {split} dataloader.")
-        return self._datasets[key]
-
-    def _eval_loader(self, split: Split) -> DataLoader:
-        dataset = self._dataset(split)
-        world, rank = distributed_world()
-        if len(dataset) < world:
-            raise DatasetLayoutError(
-                f"The {split} split has {len(dataset)} usable images, fewer than the {world} processes."
-            )
-        sampler = UnpaddedDistributedSampler(dataset, world, rank) if world > 1 else None
-        return self._loader(dataset, sampler, shuffle=False, drop_last=False)
-
-    def _loader(self, dataset: Dataset, sampler, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-        )

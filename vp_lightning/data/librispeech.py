@@ -22,14 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from vp_lightning.data.bad_input import (
     BadInputTally,
@@ -40,7 +39,7 @@ from vp_lightning.data.bad_input import (
     too_many_bad_files_message,
 )
 from vp_lightning.data.embedded_audio import build_embedded_librispeech, embedded_librispeech_dir
-from vp_lightning.data.image import DatasetLayoutError, UnpaddedDistributedSampler, distributed_world
+from vp_lightning.data.splits import DatasetLayoutError, Split, SplitDataModule
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,6 @@ LIBRISPEECH_SUBSETS = {
 EMBEDDED_SUBSETS = {"train": ("embedded-train",), "val": ("embedded-dev",), "test": ("embedded-test",)}
 
 ScanMode = Literal["header", "full", "off"]
-Split = Literal["train", "val", "test"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -373,7 +371,7 @@ def scan_utterances(
 # DataModule
 
 
-class LibriSpeechDataModule(L.LightningDataModule):
+class LibriSpeechDataModule(SplitDataModule):
     """LibriSpeech (or the embedded spoken set) as mono waveforms; batches are ``{"x": (b, 1, T), "mask": (b, 1, T)}``.
 
     Training batches are random crops of ``train_crop_seconds``; an utterance shorter than the crop is kept and
@@ -472,63 +470,12 @@ class LibriSpeechDataModule(L.LightningDataModule):
         self._datasets: dict[tuple[tuple[str, ...], bool], AudioClips] = {}
         self._utterances: dict[tuple[str, ...], list[Utterance]] = {}
 
-    @property
-    def embedded(self) -> bool:
-        return self.root is None or self.root == "embedded"
-
-    def prepare_data(self) -> None:
-        """Build the embedded spoken set once (on one process per node)."""
-        if self.embedded:
-            self._embedded_root()
-
-    def setup(self, stage: str | None = None) -> None:
-        """Find, scan and index the splits that ``stage`` needs (all of them for ``None``)."""
-        needed: dict[str | None, tuple[Split, ...]] = {
-            "fit": ("train", "val"),
-            "validate": ("val",),
-            "test": ("test",),
-            "predict": ("test",),
-            None: ("train", "val", "test"),
-        }
-        for split in needed[stage]:
-            key = self._key(split)
-            if key not in self._datasets:
-                self._datasets[key] = self._build(split)
-
     def utterances(self, split: Split) -> list[Utterance]:
         """The usable utterances of a split (with transcripts), in dataset order; call :meth:`setup` first."""
         self._dataset(split)
         return self._utterances[self._key(split)]
 
-    def train_dataloader(self) -> DataLoader:
-        dataset = self._dataset("train")
-        world, rank = distributed_world()
-        sampler = (
-            DistributedSampler(dataset, world, rank, shuffle=True, seed=self.seed, drop_last=True) if world > 1 else None
-        )
-        if len(dataset) // world < self.batch_size:
-            raise DatasetLayoutError(
-                f"The train subsets {list(self.subsets['train'])} have {len(dataset)} usable utterances, fewer than "
-                f"batch_size={self.batch_size} per process on {world} process(es); with drop_last every epoch "
-                f"would be empty. Lower batch_size."
-            )
-        return self._loader(dataset, sampler, self.batch_size, shuffle=sampler is None, drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    @property
-    def bad_input_counts(self) -> dict[str, int]:
-        """Skipped/converted counts summed over the splits set up so far (``skipped_files``,
-        ``skipped/<reason>``, ``converted/resampled``, ``converted/downmixed``, ``padded/short``,
-        ``missing_transcript``). Failures found while loading are included from every worker of this process."""
-        return merge_counts(ds.bad_input_counts() for ds in self._datasets.values())
+    collate_fn = staticmethod(pad_collate)
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -548,6 +495,9 @@ class LibriSpeechDataModule(L.LightningDataModule):
     def _key(self, split: Split) -> tuple[tuple[str, ...], bool]:
         # val and test may name the same subsets: index and scan them once.
         return self.subsets[split], split == "train"
+
+    def _describe(self, split: Split, count: int) -> str:
+        return f"The {split} subsets {list(self.subsets[split])} have {count} usable utterances"
 
     def _build(self, split: Split) -> AudioClips:
         base = self._base()
@@ -579,34 +529,3 @@ class LibriSpeechDataModule(L.LightningDataModule):
         self._utterances[self._key(split)] = kept
         return AudioClips(kept, frames, rates, tally, self.sample_rate, crop_samples, random_crop=train,
                           replace_failed=train, max_bad_fraction=self.max_bad_fraction)
-
-    def _dataset(self, split: Split) -> AudioClips:
-        key = self._key(split)
-        if key not in self._datasets:
-            stage = {"train": "fit", "val": "validate", "test": "test"}[split]
-            raise RuntimeError(f"Call setup({stage!r}) before requesting the {split} dataloader.")
-        return self._datasets[key]
-
-    def _eval_loader(self, split: Split) -> DataLoader:
-        dataset = self._dataset(split)
-        world, rank = distributed_world()
-        if len(dataset) < world:
-            raise DatasetLayoutError(
-                f"The {split} subsets {list(self.subsets[split])} have {len(dataset)} usable utterances, fewer "
-                f"than the {world} processes."
-            )
-        sampler = UnpaddedDistributedSampler(dataset, world, rank) if world > 1 else None
-        return self._loader(dataset, sampler, self.eval_batch_size, shuffle=False, drop_last=False)
-
-    def _loader(self, dataset: Dataset, sampler, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            drop_last=drop_last,
-            collate_fn=pad_collate,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-        )
