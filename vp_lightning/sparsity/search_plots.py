@@ -51,11 +51,13 @@ def plot_search(searches: Sequence[AllocationSearch], target: float, step: float
         positions = [b + (i - (len(searches) - 1) / 2) * width for b in range(len(values))]
         ax.bar(positions, values, width=width, color=_COLORS[search.mode], label=search.mode)
     ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"uniform {target:.2f}")
+    everything = [v for search in searches for v in block_sparsities(search.parent, target, step)] + [target]
+    ax.set_ylim(max(0.0, min(everything) - 2 * step), max(everything) + 3 * step)  # room for the legend
     ax.set_xlabel("decoder block")
     ax.set_ylabel("block sparsity")
     ax.set_title("Per-block sparsity of the best allocation found")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper center", ncol=len(searches) + 1, framealpha=0.9)
     fig.savefig(paths["profile"], dpi=120)
     plt.close(fig)
     return paths
