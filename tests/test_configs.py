@@ -10,7 +10,9 @@ import yaml
 from vp_lightning.cli import VPLightningCLI
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_CONFIGS = sorted(p for p in (ROOT / "conf").rglob("*.yaml") if "quantizer" not in p.parts)
+# conf/wisparse/search.yaml adds the allocation search to a model config; it is not a run config on its own
+SEARCH_SNIPPET = ROOT / "conf" / "wisparse" / "search.yaml"
+RUN_CONFIGS = sorted(p for p in (ROOT / "conf").rglob("*.yaml") if "quantizer" not in p.parts and p != SEARCH_SNIPPET)
 SNIPPETS = sorted((ROOT / "conf" / "quantizer").glob("*.yaml"))
 IMAGE_QUICKSTARTS = sorted((ROOT / "conf" / "quickstart").glob("image-*.yaml"))
 
@@ -61,3 +63,13 @@ def test_image_quickstart_trains_briefly(path, tmp_path, monkeypatch):
                                "--data.init_args.num_workers=0", "--trainer.enable_progress_bar=false"])
     assert cli.trainer.global_step == 2
     assert "val/codebook/perplexity" in cli.trainer.callback_metrics
+
+
+def test_search_snippet_adds_the_search_and_per_generation_checkpoints_to_a_model_config():
+    config = print_config("--config", str(ROOT / "conf" / "wisparse" / "smollm2.yaml"), "--config", str(SEARCH_SNIPPET))
+    search = config["model"]["init_args"]["search"]
+    assert search["generations"] == 25 and search["random_baseline"] is True
+    assert config["model"]["init_args"]["output_dir"] == "runs/wisparse/smollm2"  # the model config's stages are reused
+    assert config["trainer"]["enable_checkpointing"] is True
+    callbacks = [c["class_path"] for c in config["trainer"]["callbacks"]]
+    assert "lightning.pytorch.callbacks.ModelCheckpoint" in callbacks
