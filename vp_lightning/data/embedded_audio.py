@@ -27,7 +27,6 @@ import random
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from vp_lightning.data.atomic import atomic_folder
 from vp_lightning.data.embedded_images import default_cache_dir
 
 #: Bump when the recipe changes so old caches are not reused.
@@ -209,22 +209,11 @@ def build_embedded_librispeech(cache_dir: str | os.PathLike | None = None) -> Pa
         _check_existing(target, recipe)
         return target
     espeak = espeak_binary()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_folder(target, MANIFEST, recipe) as tmp:
         sentences = _assign_sentences()
         for subset in SUBSETS:
             _write_subset(tmp / "LibriSpeech" / subset, subset, sentences[subset], espeak)
         _write_speakers_table(tmp / "LibriSpeech" / "SPEAKERS.TXT")
-        (tmp / MANIFEST).write_text(json.dumps(recipe, indent=2) + "\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process finished first; its folder is complete because it was renamed into place too.
-            if not (target / MANIFEST).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     _check_existing(target, recipe)
     return target
 

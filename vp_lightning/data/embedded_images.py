@@ -18,12 +18,12 @@ import importlib.util
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from vp_lightning.data.atomic import atomic_folder
 
 #: Bump when the recipe changes so old caches are not reused.
 EMBEDDED_VERSION = 1
@@ -115,10 +115,8 @@ def build_embedded_photos(
         _check_existing(target, recipe)
         return target
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        source = skimage_data_dir()
+    source = skimage_data_dir()
+    with atomic_folder(target, MANIFEST, recipe) as tmp:
         for split in ("train", "val"):
             for photo_index, (photo, count) in enumerate(recipe[split].items()):
                 _write_crops(
@@ -129,15 +127,6 @@ def build_embedded_photos(
                     max_side,
                     (seed, split == "val", photo_index),
                 )
-        (tmp / MANIFEST).write_text(json.dumps(recipe, indent=2) + "\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process finished first; its folder is complete because it was renamed into place too.
-            if not (target / MANIFEST).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     _check_existing(target, recipe)
     return target
 
