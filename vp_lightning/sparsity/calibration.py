@@ -640,8 +640,8 @@ class WiSparseCalibration(L.LightningModule):
         start = time.perf_counter()
         with torch.no_grad():
             if evaluator.parent != search.parent:
-                self._parent_sums = evaluator.set_parent(search.parent)
-            parent_sums = self._parent_sums
+                evaluator.set_parent(search.parent)
+            parent_sums = evaluator.parent_sums
             known: dict[Genome, list[float]] = {}
 
             def score(genomes: Any, stage: int) -> list[float]:

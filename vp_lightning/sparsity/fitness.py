@@ -80,6 +80,7 @@ class FitnessEvaluator:
         self.blocks_full = 0
         self._parent: Genome | None = None
         self._parent_hidden: list[list[Tensor]] = []  # per batch, per block: hidden state entering the block
+        self.parent_sums: list[float] = []  # per-sequence fitness sums of the parent
         self._prepare(sequences)
 
     # ---------------------------------------------------------------------------------- caches
@@ -133,6 +134,7 @@ class FitnessEvaluator:
             self.blocks_full += 2 * len(self.blocks)
             self._parent_hidden.append(states)
             sums.extend(self._score_logits(hidden, batch).tolist())
+        self.parent_sums = sums
         return sums
 
     def fitness_of_sums(self, sums: Sequence[float], sequences: int) -> float:
@@ -150,17 +152,15 @@ class FitnessEvaluator:
         if self._parent is None:
             raise RuntimeError("set_parent() first")
         changed = [b for b, (g, p) in enumerate(zip(genome, self._parent, strict=True)) if g != p]
-        first = changed[0] if changed else len(self.blocks)
+        # the parent's own genome still runs its last block, from the cached input of that block
+        first = changed[0] if changed else len(self.blocks) - 1
         self._apply(genome)
         sums: list[float] = []
         for index in self._batch_range(sequences):
             if index * self.batch_size < first_sequence:
                 continue
             batch = self.batches[index]
-            hidden = self._parent_hidden[index][first] if first < len(self.blocks) else None
-            if hidden is None:  # same genome as the parent: run only the last block again from its input
-                first = len(self.blocks) - 1
-                hidden = self._parent_hidden[index][first]
+            hidden = self._parent_hidden[index][first]
             for b in range(first, len(self.blocks)):
                 hidden = run_block(self.blocks[b], hidden, batch.block_kwargs)
             self.blocks_run += len(self.blocks) - first
