@@ -1,7 +1,8 @@
 """Crash recovery through the CLI: SIGKILL mid-epoch, ``fit --ckpt_path last``, and a run stopping on NaN.
 
-The training subprocesses load two small callbacks from this file (``tests/`` goes on ``PYTHONPATH``): one that
-holds training at a given step so the test can kill it at a known point, one that poisons a batch with NaN.
+The training subprocesses load small test callbacks by class path (``tests/`` goes on ``PYTHONPATH``):
+``kill_helpers.HoldAtStep`` holds training at a given step so the test can kill it at a known point, and
+``NaNAtStep`` from this file poisons a batch with NaN.
 """
 
 import csv
@@ -9,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -24,18 +24,6 @@ FAST = ["--data.init_args.resolution=16", "--data.init_args.num_workers=0", "--d
         "--trainer.val_check_interval=4", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
         "--trainer.max_steps=12"]
 RUN = Path("runs") / "quickstart-image-fsq"
-
-
-class HoldAtStep(L.Callback):
-    """Test helper: after step ``step`` writes ``marker`` and waits (to be killed)."""
-
-    def __init__(self, step: int, marker: str):
-        self.step, self.marker = step, marker
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            Path(self.marker).write_text(str(self.step))
-            time.sleep(600)
 
 
 class NaNAtStep(L.Callback):
@@ -79,7 +67,7 @@ def test_sigkill_mid_epoch_then_resume_last_continues_the_same_run(tmp_path):
     crashed, straight = tmp_path / "crashed", tmp_path / "straight"
     crashed.mkdir(), straight.mkdir()
     marker = tmp_path / "held"
-    hold = f'{{"class_path": "test_crash_recovery.HoldAtStep", "init_args": {{"step": 6, "marker": "{marker}"}}}}'
+    hold = f'{{"class_path": "kill_helpers.HoldAtStep", "init_args": {{"step": 6, "marker": "{marker}"}}}}'
     command = [sys.executable, "-m", "vp_lightning", "fit", "--config", str(QUICKSTART), *FAST,
                f"--trainer.callbacks+={hold}"]
     returncode = run_until_marker_then_sigkill(command, crashed, _env(), marker)

@@ -7,7 +7,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -292,23 +291,10 @@ def test_two_gloo_processes_find_the_same_genome_as_one(tmp_path):
             [r["best_fitness"] for r in two["state"]["history"]], rel=1e-6)
 
 
-class HoldAtGeneration(L.Callback):
-    """Test helper: once generation ``generation`` has run (its checkpoint not yet written), signal and wait."""
-
-    def __init__(self, generation: int, marker: str):
-        self.generation, self.marker = generation, marker
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.generation:
-            Path(self.marker).write_text(str(self.generation))
-            time.sleep(600)
-
-
 def _env():
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     return {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore",
-            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1]),
-                                            env.get("PYTHONPATH", "")])}
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])}
 
 
 FAST = ["--trainer.enable_progress_bar=false", "--model.init_args.search.generations=4",
@@ -322,8 +308,8 @@ def test_a_search_killed_with_sigkill_resumes_with_ckpt_path_last_to_the_same_re
     crashed, straight = tmp_path / "crashed", tmp_path / "straight"
     crashed.mkdir(), straight.mkdir()
     marker = tmp_path / "held"
-    hold = (f'{{"class_path": "test_wisparse_search.HoldAtGeneration", '
-            f'"init_args": {{"generation": 6, "marker": "{marker}"}}}}')
+    # one global step per search generation: held after the 6th (4 evolutionary + 2 random), before its checkpoint
+    hold = f'{{"class_path": "kill_helpers.HoldAtStep", "init_args": {{"step": 6, "marker": "{marker}"}}}}'
     command = [sys.executable, "-m", "vp_lightning", "fit", "--config", config, *FAST]
     returncode = run_until_marker_then_sigkill([*command, f"--trainer.callbacks+={hold}"], crashed, _env(), marker,
                                                timeout=400)
